@@ -1,0 +1,1 @@
+"""Benchmarks printing one JSON object per line, each with a ``bench`` key."""

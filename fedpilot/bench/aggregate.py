@@ -1,0 +1,82 @@
+"""STAgg throughput against memory-copy bandwidth, and its peak memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+import tracemalloc
+from collections.abc import Iterator
+from itertools import cycle, islice
+from typing import Any
+
+import numpy as np
+
+from fedpilot.bench.synthetic import encoder_memory, lora_update
+from fedpilot.core.aggregation import Aggregator, ClientUpdate
+
+POOL = 4  # distinct updates generated up front and replayed, so generation is not timed
+
+
+def _updates(pool: list[dict[str, dict[str, np.ndarray]]], n: int) -> Iterator[ClientUpdate]:
+    for i, modules in enumerate(islice(cycle(pool), n)):
+        yield ClientUpdate(client=f"c{i}", num_samples=100 + i, modules=modules)
+
+
+def _memcpy_gbps(nbytes: int, repeats: int) -> float:
+    """Copy ``repeats`` update-sized buffers, cycling through ``POOL`` sources like the
+    aggregation does, into one update-sized destination: the same bytes read from
+    the same working set, with the least work any merge could do."""
+    sources = [np.ones(nbytes // 4, dtype=np.float32) for _ in range(POOL)]
+    dst = np.empty_like(sources[0])
+    np.copyto(dst, sources[0])
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for src in islice(cycle(sources), repeats):
+            np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return nbytes * repeats / best / 1e9
+
+
+def run(
+    clients: tuple[int, ...] = (10, 100),
+    merges: tuple[str, ...] = ("factors", "exact"),
+    rank: int = 8,
+) -> Iterator[dict[str, Any]]:
+    memory = encoder_memory()
+    pool = [lora_update(memory, rank, seed) for seed in range(POOL)]
+    global_modules = lora_update(memory, rank, seed=99)
+    update_bytes = sum(x.nbytes for m in pool[0].values() for x in m.values())
+    for merge in merges:
+        for n in clients:
+
+            def aggregate_all(merge: str = merge, n: int = n) -> None:
+                agg = Aggregator(global_modules, {}, 1, merge=merge)
+                for u in _updates(pool, n):
+                    agg.add(u)
+                agg.result()
+
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                aggregate_all()
+                best = min(best, time.perf_counter() - start)
+            tracemalloc.start()
+            aggregate_all()
+            _, traced_peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            gbps = update_bytes * n / best / 1e9
+            memcpy = _memcpy_gbps(update_bytes, n)
+            yield {
+                "bench": "aggregate",
+                "merge": merge,
+                "clients": n,
+                "update_bytes": update_bytes,
+                "seconds": round(best, 4),
+                "gb_per_s": round(gbps, 3),
+                "memcpy_gb_per_s": round(memcpy, 3),
+                "ratio_to_memcpy": round(gbps / memcpy, 3),
+                "aggregator_peak_bytes": traced_peak,
+                "all_updates_bytes": update_bytes * n,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }

@@ -1,0 +1,46 @@
+"""`fedpilot bench ...`: measured numbers as JSON lines."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+import typer
+
+bench_app = typer.Typer(help="Benchmarks (one JSON object per line).", no_args_is_help=True)
+
+
+def _emit(rows: Iterable[dict[str, Any]]) -> None:
+    for row in rows:
+        typer.echo(json.dumps(row), nl=True)
+
+
+@bench_app.command("solver")
+def solver(
+    clients: Annotated[int, typer.Option(help="Clients to assign.")] = 1000,
+    layers: Annotated[int, typer.Option(help="Transformer layers.")] = 12,
+    targets: Annotated[int, typer.Option(help="LoRA targets per layer (1-6).")] = 6,
+    repeats: Annotated[int, typer.Option(help="Timed repetitions (best is reported).")] = 5,
+    small_instances: Annotated[int, typer.Option(help="Brute-force comparisons.")] = 200,
+) -> None:
+    """Time every assignment strategy on many clients; optimality vs brute force."""
+    from fedpilot.bench import solver as bench
+
+    _emit(bench.run(clients, layers, targets, repeats, small_instances))
+
+
+@bench_app.command("aggregate")
+def aggregate(
+    clients: Annotated[list[int] | None, typer.Option(help="Client counts (repeatable).")] = None,
+    merge: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="factors and/or exact (exact holds a dense out x in product per module)."
+        ),
+    ] = None,
+) -> None:
+    """STAgg throughput in GB/s against numpy memcpy, and peak memory."""
+    from fedpilot.bench import aggregate as bench
+
+    _emit(bench.run(tuple(clients or (10, 100)), tuple(merge or ("factors",))))

@@ -1,0 +1,174 @@
+"""Tensors on the wire: one safetensors file, a manifest, and bounded chunks.
+
+The sender builds the manifest from the bytes it will send. The receiver
+feeds chunks to :class:`PayloadReceiver`, which refuses a chunk or a stream
+that is too large as soon as it sees it, verifies the byte count and sha256
+at the end, and only then decodes and checks every tensor against the
+manifest. Nothing is returned (and so nothing can be stored) unless all
+checks pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from fedpilot.v1 import errors_pb2, transfer_pb2
+from fedpilot.wire.errors import WireError
+
+MAX_CHUNK_BYTES = 1 << 20
+"""Largest chunk on the wire (1 MiB): far below gRPC's 4 MiB message limit."""
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
+
+_DTYPES = {
+    np.dtype(np.float32): transfer_pb2.DTYPE_F32,
+    np.dtype(np.float16): transfer_pb2.DTYPE_F16,
+}
+_NUMPY = {v: k for k, v in _DTYPES.items()}
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[bytes, transfer_pb2.PayloadManifest]:
+    """Serialise ``tensors`` (float32/float16) and describe them in a manifest."""
+    specs = []
+    for name in sorted(tensors):
+        x = tensors[name]
+        if x.dtype not in _DTYPES:
+            raise ValueError(
+                f"tensor {name!r}: dtype {x.dtype} is not sent on the wire (float32 or float16)"
+            )
+        specs.append(
+            transfer_pb2.TensorSpec(name=name, shape=list(x.shape), dtype=_DTYPES[x.dtype])
+        )
+    data = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    manifest = transfer_pb2.PayloadManifest(
+        tensors=specs, total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    return data, manifest
+
+
+def iter_chunks(data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
+    """Cut ``data`` into chunks of at most ``chunk_bytes`` (zero-copy views)."""
+    view = memoryview(data)
+    for start in range(0, len(data), chunk_bytes):
+        yield bytes(view[start : start + chunk_bytes])
+
+
+def decode_tensors(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        return dict(st_load(data))
+    except (SafetensorError, ValueError) as e:
+        raise WireError(
+            errors_pb2.ERROR_REASON_MALFORMED, f"payload is not safetensors: {e}", "payload"
+        ) from e
+
+
+class PayloadReceiver:
+    """Checks a chunked payload against its manifest while it arrives."""
+
+    def __init__(
+        self,
+        manifest: transfer_pb2.PayloadManifest,
+        *,
+        max_total_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    ) -> None:
+        if manifest.total_bytes > max_total_bytes:
+            raise WireError(
+                errors_pb2.ERROR_REASON_STREAM_TOO_LARGE,
+                f"manifest declares {manifest.total_bytes} bytes; the limit is {max_total_bytes}",
+                "manifest.total_bytes",
+            )
+        if len(manifest.sha256) != 64 or any(c not in "0123456789abcdef" for c in manifest.sha256):
+            raise WireError(
+                errors_pb2.ERROR_REASON_MALFORMED,
+                "manifest.sha256 must be 64 lowercase hex digits",
+                "manifest.sha256",
+            )
+        names = [t.name for t in manifest.tensors]
+        if len(set(names)) != len(names):
+            raise WireError(
+                errors_pb2.ERROR_REASON_MALFORMED,
+                "manifest lists a tensor twice",
+                "manifest.tensors",
+            )
+        self.manifest = manifest
+        self._max_chunk = max_chunk_bytes
+        self._hash = hashlib.sha256()
+        self._parts: list[bytes] = []
+        self.received = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if len(chunk) > self._max_chunk:
+            raise WireError(
+                errors_pb2.ERROR_REASON_CHUNK_TOO_LARGE,
+                f"chunk of {len(chunk)} bytes exceeds {self._max_chunk}",
+                "data",
+            )
+        self.received += len(chunk)
+        if self.received > self.manifest.total_bytes:
+            raise WireError(
+                errors_pb2.ERROR_REASON_SIZE_MISMATCH,
+                f"received more than the {self.manifest.total_bytes} bytes the manifest declared",
+                "manifest.total_bytes",
+            )
+        self._hash.update(chunk)
+        self._parts.append(chunk)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Verify size and checksum, decode, and check every tensor against the manifest."""
+        if self.received != self.manifest.total_bytes:
+            raise WireError(
+                errors_pb2.ERROR_REASON_TRUNCATED,
+                f"stream ended after {self.received} of {self.manifest.total_bytes} bytes",
+                "data",
+            )
+        digest = self._hash.hexdigest()
+        if digest != self.manifest.sha256:
+            raise WireError(
+                errors_pb2.ERROR_REASON_CHECKSUM_MISMATCH,
+                f"sha256 of the received bytes is {digest}, manifest says {self.manifest.sha256}",
+                "manifest.sha256",
+            )
+        tensors = decode_tensors(b"".join(self._parts))
+        self._parts.clear()
+        check_tensors(tensors, self.manifest)
+        return tensors
+
+
+def check_tensors(
+    tensors: Mapping[str, np.ndarray], manifest: transfer_pb2.PayloadManifest
+) -> None:
+    """The decoded tensors are exactly the manifest's, and finite."""
+    declared = {t.name: t for t in manifest.tensors}
+    if set(declared) != set(tensors):
+        extra, missing = sorted(set(tensors) - set(declared)), sorted(set(declared) - set(tensors))
+        raise WireError(
+            errors_pb2.ERROR_REASON_UNKNOWN_TENSOR,
+            f"payload tensors differ from the manifest: extra {extra}, missing {missing}",
+            "manifest.tensors",
+        )
+    for name, x in tensors.items():
+        spec = declared[name]
+        if tuple(x.shape) != tuple(spec.shape):
+            raise WireError(
+                errors_pb2.ERROR_REASON_SHAPE_MISMATCH,
+                f"tensor {name!r} has shape {tuple(x.shape)}, manifest says {tuple(spec.shape)}",
+                name,
+            )
+        if _NUMPY.get(spec.dtype) != x.dtype:
+            raise WireError(
+                errors_pb2.ERROR_REASON_DTYPE_MISMATCH,
+                f"tensor {name!r} has dtype {x.dtype}, manifest says "
+                f"{transfer_pb2.DType.Name(spec.dtype)}",
+                name,
+            )
+        if not np.isfinite(x).all():
+            raise WireError(
+                errors_pb2.ERROR_REASON_NON_FINITE, f"tensor {name!r} contains NaN or Inf", name
+            )

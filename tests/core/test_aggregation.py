@@ -1,0 +1,229 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedpilot.core.aggregation import (
+    Aggregator,
+    ClientUpdate,
+    DwaConfig,
+    UpdateError,
+    aggregate,
+    product,
+)
+from fedpilot.core.ig_score import ModuleStats
+
+RANK, D_IN, D_OUT = 4, 6, 5
+
+
+def _module(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "lora_A": rng.standard_normal((RANK, D_IN)).astype(np.float32),
+        "lora_B": rng.standard_normal((D_OUT, RANK)).astype(np.float32),
+    }
+
+
+def _global(rng: np.random.Generator, names=("m1", "m2", "m3")) -> dict[str, dict[str, np.ndarray]]:
+    return {n: _module(rng) for n in names}
+
+
+@given(st.integers(1, 6), st.integers(0, 10_000))
+def test_stagg_equals_fedavg_when_everybody_trains_everything(n_clients, seed) -> None:
+    # Prepare
+    rng = np.random.default_rng(seed)
+    g = _global(rng)
+    updates = [
+        ClientUpdate(f"c{i}", int(rng.integers(1, 50)), {n: _module(rng) for n in g})
+        for i in range(n_clients)
+    ]
+    # Execute
+    stagg = aggregate(g, updates, {}, 1, dwa=DwaConfig(eta=1.0, gamma=0.0))
+    fedavg = aggregate(g, updates, {}, 1, rule="fedavg")
+    # Assert: both are the sample-weighted mean of the factors.
+    total = sum(u.num_samples for u in updates)
+    for name in g:
+        for part in ("lora_A", "lora_B"):
+            expected = sum(u.num_samples * u.modules[name][part] for u in updates) / total
+            np.testing.assert_allclose(stagg.modules[name][part], expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(fedavg.modules[name][part], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_untrained_modules_keep_their_values_and_stats() -> None:
+    rng = np.random.default_rng(0)
+    g = _global(rng)
+    stats = {"m3": ModuleStats(update_count=4, last_round=2, score=0.3)}
+    result = aggregate(g, [ClientUpdate("a", 10, {"m1": _module(rng)})], stats, 3)
+    for name in ("m2", "m3"):
+        for part in g[name]:
+            assert np.array_equal(result.modules[name][part], g[name][part])
+    assert result.stats["m3"] == stats["m3"]
+    assert result.stats["m1"].update_count == 1 and result.stats["m1"].last_round == 3
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 100), st.sets(st.sampled_from(["m1", "m2", "m3"]), min_size=1)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_per_module_weights_sum_to_one_over_the_clients_that_trained_it(plan) -> None:
+    rng = np.random.default_rng(1)
+    g = _global(rng)
+    updates = [
+        ClientUpdate(f"c{i}", n, {m: _module(rng) for m in mods})
+        for i, (n, mods) in enumerate(plan)
+    ]
+    result = aggregate(g, updates, {}, 1)
+    for name, weights in result.weights.items():
+        trained_by = {u.client for u in updates if name in u.modules}
+        assert set(weights) == trained_by
+        assert sum(weights.values()) == pytest.approx(1.0)
+
+
+def test_exact_merge_reproduces_the_averaged_product_when_rank_allows() -> None:
+    rng = np.random.default_rng(2)
+    # Two clients of rank 4 on a 5x6 matrix: the average product has rank <= 5,
+    # so make the global rank 5 to hold it exactly.
+    big = {
+        "m": {
+            "lora_A": rng.standard_normal((5, D_IN)).astype(np.float32),
+            "lora_B": np.zeros((D_OUT, 5), np.float32),
+        }
+    }
+    updates = []
+    for i, n in enumerate((3, 7)):
+        a = np.zeros((5, D_IN), np.float32)
+        b = np.zeros((D_OUT, 5), np.float32)
+        a[:2] = rng.standard_normal((2, D_IN))
+        b[:, :2] = rng.standard_normal((D_OUT, 2))
+        updates.append(ClientUpdate(f"c{i}", n, {"m": {"lora_A": a, "lora_B": b}}))
+    result = aggregate(big, updates, {}, 1, merge="exact", dwa=DwaConfig(eta=1.0, gamma=0.0))
+    expected = (3 * product(updates[0].modules["m"]) + 7 * product(updates[1].modules["m"])) / 10
+    np.testing.assert_allclose(product(result.modules["m"]), expected, atol=1e-5)
+    # The factors merge cannot: avg(B) avg(A) != avg(BA).
+    approx = aggregate(big, updates, {}, 1, merge="factors", dwa=DwaConfig(eta=1.0, gamma=0.0))
+    assert not np.allclose(product(approx.modules["m"]), expected, atol=1e-3)
+
+
+def test_exact_merge_keeps_a_trainable_nonzero_A() -> None:
+    rng = np.random.default_rng(3)
+    g = {"m": {"lora_A": _module(rng)["lora_A"], "lora_B": np.zeros((D_OUT, RANK), np.float32)}}
+    same = ClientUpdate("c", 5, {"m": {k: v.copy() for k, v in g["m"].items()}})
+    result = aggregate(g, [same], {}, 1, merge="exact")
+    assert np.linalg.norm(result.modules["m"]["lora_A"]) > 0.5
+
+
+def test_dwa_moves_under_updated_modules_further() -> None:
+    rng = np.random.default_rng(4)
+    g = _global(rng, ("often", "rare"))
+    stats = {"often": ModuleStats(update_count=20), "rare": ModuleStats(update_count=0)}
+    update = ClientUpdate("c", 1, {"often": _module(rng), "rare": _module(rng)})
+    result = aggregate(g, [update], stats, 5, dwa=DwaConfig(eta=0.5, gamma=1.0, eta_max=1.8))
+    assert result.steps["often"] == pytest.approx(0.5)  # clipped below at 1 x eta
+    assert result.steps["rare"] == pytest.approx(0.9)  # mean 11 / 1 -> clipped at eta_max
+    # W + eta_m (Agg - W) with one client: Agg is that client's factors.
+    new = result.modules["rare"]["lora_A"]
+    expected = g["rare"]["lora_A"] + 0.9 * (update.modules["rare"]["lora_A"] - g["rare"]["lora_A"])
+    np.testing.assert_allclose(new, expected, rtol=1e-6)
+
+
+def test_fedavg_counts_stale_values_for_clients_that_did_not_train_a_module() -> None:
+    rng = np.random.default_rng(5)
+    g = _global(rng, ("m",))
+    trained = _module(rng)
+    updates = [ClientUpdate("a", 1, {"m": trained}), ClientUpdate("b", 3, {})]
+    result = aggregate(g, updates, {}, 1, rule="fedavg")
+    expected = 0.25 * trained["lora_A"] + 0.75 * g["m"]["lora_A"]
+    np.testing.assert_allclose(result.modules["m"]["lora_A"], expected, rtol=1e-6)
+    assert result.weights["m"] == {"a": 0.25, "<stale>": 0.75}
+
+
+def test_global_score_is_updated_from_the_product_change() -> None:
+    rng = np.random.default_rng(6)
+    g = _global(rng, ("m",))
+    result = aggregate(g, [ClientUpdate("a", 1, {"m": _module(rng)})], {}, 1)
+    assert result.stats["m"].score == pytest.approx(result.changes["m"])
+    assert result.changes["m"] > 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: {"unknown": m["m1"]}, "not a module"),
+        (lambda m: {"m1": {"lora_A": m["m1"]["lora_A"]}}, "do not match"),
+        (lambda m: {"m1": {**m["m1"], "lora_A": m["m1"]["lora_A"][:2]}}, "shape"),
+        (lambda m: {"m1": {**m["m1"], "lora_A": m["m1"]["lora_A"].astype(np.int32)}}, "dtype"),
+        (
+            lambda m: {"m1": {**m["m1"], "lora_B": np.full((D_OUT, RANK), np.nan, np.float32)}},
+            "NaN",
+        ),
+        (
+            lambda m: {"m1": {**m["m1"], "lora_B": np.full((D_OUT, RANK), np.inf, np.float32)}},
+            "Inf",
+        ),
+    ],
+)
+def test_bad_updates_are_rejected_by_name_and_change_nothing(mutate, message) -> None:
+    rng = np.random.default_rng(7)
+    g = _global(rng)
+    agg = Aggregator(g, {}, 1)
+    good = ClientUpdate("good", 4, {"m1": _module(rng)})
+    agg.add(good)
+    with pytest.raises(UpdateError, match=message):
+        agg.add(ClientUpdate("bad", 4, mutate({"m1": _module(rng)})))
+    result = agg.result()
+    np.testing.assert_allclose(
+        result.modules["m1"]["lora_A"], good.modules["m1"]["lora_A"], rtol=1e-6
+    )
+    assert result.weights["m1"] == {"good": 1.0}
+
+
+def test_the_same_client_cannot_count_twice() -> None:
+    rng = np.random.default_rng(8)
+    agg = Aggregator(_global(rng), {}, 1)
+    agg.add(ClientUpdate("a", 1, {"m1": _module(rng)}))
+    with pytest.raises(UpdateError, match="already"):
+        agg.add(ClientUpdate("a", 1, {"m1": _module(rng)}))
+
+
+def test_memory_does_not_grow_with_the_number_of_clients() -> None:
+    import tracemalloc
+
+    rng = np.random.default_rng(9)
+    g = {
+        "m": {"lora_A": np.zeros((8, 4096), np.float32), "lora_B": np.zeros((4096, 8), np.float32)}
+    }
+    pool = [
+        {
+            "m": {
+                "lora_A": rng.standard_normal((8, 4096)).astype(np.float32),
+                "lora_B": rng.standard_normal((4096, 8)).astype(np.float32),
+            }
+        }
+        for _ in range(2)
+    ]
+
+    def peak(n: int) -> int:
+        tracemalloc.start()
+        agg = Aggregator(g, {}, 1)
+        for i in range(n):
+            agg.add(ClientUpdate(f"c{i}", 1, pool[i % 2]))
+        agg.result()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    update_bytes = 2 * 8 * 4096 * 4
+    assert peak(64) < 8 * update_bytes  # 64 clients would be 64 copies if buffered
+    assert peak(64) < 2 * peak(4)
+
+
+def test_refactorise_of_a_large_low_rank_matrix_is_exact() -> None:
+    from fedpilot.core.aggregation import refactorise
+
+    rng = np.random.default_rng(10)
+    w = (rng.standard_normal((300, 6)) @ rng.standard_normal((6, 200))).astype(np.float32)
+    a, b = refactorise(w, 8)
+    np.testing.assert_allclose(b @ a, w, atol=1e-3 * np.abs(w).max())
+    np.testing.assert_allclose(a[:6] @ a[:6].T, np.eye(6), atol=1e-4)

@@ -1,0 +1,118 @@
+"""The `fedpilot` command as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "plan.json"
+
+
+def fedpilot(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedpilot.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_plan_json_respects_every_budget() -> None:
+    spec = json.loads(EXAMPLE.read_text())
+    result = fedpilot("plan", str(EXAMPLE), "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)["clients"]
+    budgets = {c["name"]: c["budget_bytes"] for c in spec["clients"]}
+    assert [c["name"] for c in out] == list(budgets)
+    for c in out:
+        assert set(c) >= {"name", "modules", "predicted_bytes", "value", "feasible"}
+        if c["feasible"]:
+            assert c["predicted_bytes"] <= budgets[c["name"]]
+        else:
+            assert c["modules"] == [] and "M0=" in c["reason"]
+    # richer clients train more
+    counts = [len(c["modules"]) for c in out if c["feasible"]]
+    assert counts == sorted(counts)
+
+
+@pytest.mark.parametrize("strategy", ["fedpilot", "random", "top-down", "uniform", "full"])
+def test_plan_runs_every_strategy(tmp_path: Path, strategy: str) -> None:
+    spec = json.loads(EXAMPLE.read_text())
+    spec["strategy"] = strategy
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(spec))
+    result = fedpilot("plan", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+
+
+def test_plan_table_is_readable() -> None:
+    result = fedpilot("plan", str(EXAMPLE))
+    assert result.returncode == 0
+    assert "edge-gpu-a" in result.stdout and "sits out" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda s: s["clients"][1].__setitem__("budget_bytes", -5), "clients.1.budget_bytes"),
+        (lambda s: s["modules"][0].__setitem__("layer", 99), "modules.0.layer"),
+        (lambda s: s.__setitem__("strategy", "best"), "strategy"),
+        (lambda s: s["clients"][0]["scores"].__setitem__("ghost", 1.0), "clients.0.scores"),
+        (lambda s: s.pop("base_bytes"), "base_bytes"),
+        (lambda s: s["modules"].append(dict(s["modules"][0])), "duplicate"),
+    ],
+)
+def test_bad_plan_files_name_the_field_and_exit_2(tmp_path: Path, edit, field: str) -> None:
+    spec = json.loads(EXAMPLE.read_text())
+    edit(spec)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(spec))
+    result = fedpilot("plan", str(path))
+    assert result.returncode == 2
+    assert field in result.stderr
+
+
+def test_unreadable_and_non_json_files_exit_2(tmp_path: Path) -> None:
+    assert fedpilot("plan", str(tmp_path / "missing.json")).returncode == 2
+    (tmp_path / "x.json").write_text("{not json")
+    result = fedpilot("plan", str(tmp_path / "x.json"))
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_bench_solver_prints_json_lines() -> None:
+    result = fedpilot(
+        "bench",
+        "solver",
+        "--clients",
+        "30",
+        "--repeats",
+        "1",
+        "--small-instances",
+        "5",
+        "--layers",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = _json_lines(result.stdout)
+    solver = [r for r in rows if r["bench"] == "solver"]
+    assert {r["strategy"] for r in solver} == {"fedpilot", "random", "top-down", "uniform", "full"}
+    assert all(r["budget_violations"] == 0 and r["seconds"] > 0 for r in solver)
+    optimality = next(r for r in rows if r["bench"] == "solver_optimality")
+    assert optimality["optimal_rate"] == 1.0
+
+
+def test_bench_aggregate_prints_throughput_against_memcpy() -> None:
+    result = fedpilot("bench", "aggregate", "--clients", "3", "--merge", "factors")
+    assert result.returncode == 0, result.stderr
+    (row,) = _json_lines(result.stdout)
+    assert row["bench"] == "aggregate" and row["clients"] == 3
+    assert row["gb_per_s"] > 0 and row["memcpy_gb_per_s"] > 0
+    assert row["ratio_to_memcpy"] == pytest.approx(
+        row["gb_per_s"] / row["memcpy_gb_per_s"], rel=0.01
+    )
