@@ -28,6 +28,7 @@ demo: install
 
 quality: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy fedpilot/core fedpilot/wire fedpilot/plan.py
 	$(BIN)/python scripts/gen_protos.py --check
 
 protos: install

@@ -106,7 +106,10 @@ def is_lora(module: Module) -> bool:
 def product(module: Module) -> np.ndarray:
     """``B @ A`` in float32 (float64 if the factors are)."""
     dtype = np.result_type(module[LORA_B].dtype, module[LORA_A].dtype, np.float32)
-    return np.asarray(module[LORA_B], dtype=dtype) @ np.asarray(module[LORA_A], dtype=dtype)
+    out: np.ndarray = np.asarray(module[LORA_B], dtype=dtype) @ np.asarray(
+        module[LORA_A], dtype=dtype
+    )
+    return out
 
 
 def product_change(before: Module, after: Module) -> tuple[float, float]:
@@ -366,10 +369,16 @@ def aggregate(
     updates: Iterable[ClientUpdate],
     stats: Mapping[str, ModuleStats],
     round_number: int,
-    **options: object,
+    *,
+    rule: Rule | str = Rule.STAGG,
+    merge: Merge | str = Merge.FACTORS,
+    dwa: DwaConfig | None = None,
+    ema_decay: float = DEFAULT_EMA_DECAY,
 ) -> AggregationResult:
-    """Aggregate ``updates`` in one call (see :class:`Aggregator` for ``options``)."""
-    agg = Aggregator(global_modules, stats, round_number, **options)  # type: ignore[arg-type]
+    """Aggregate ``updates`` in one call (see :class:`Aggregator`)."""
+    agg = Aggregator(
+        global_modules, stats, round_number, rule=rule, merge=merge, dwa=dwa, ema_decay=ema_decay
+    )
     for update in updates:
         agg.add(update)
     return agg.result()

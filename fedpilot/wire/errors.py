@@ -48,7 +48,7 @@ class WireError(Exception):
 
     @property
     def reason_name(self) -> str:
-        return Reason.Name(self.reason)  # type: ignore[arg-type]
+        return str(Reason.Name(self.reason))
 
     @property
     def code(self) -> grpc.StatusCode:
@@ -72,7 +72,7 @@ def rich_status(error: WireError) -> grpc.Status:
 
 def error_detail_from_rpc_error(error: grpc.RpcError) -> errors_pb2.ErrorDetail | None:
     """The ErrorDetail a failed call carried, if any."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     if status is None:
         return None
     for any_detail in status.details:
