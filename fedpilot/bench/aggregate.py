@@ -13,6 +13,7 @@ import numpy as np
 
 from fedpilot.bench.synthetic import encoder_memory, lora_update
 from fedpilot.core.aggregation import Aggregator, ClientUpdate
+from fedpilot.wire.payload import decode_tensors, encode_tensors
 
 POOL = 4  # distinct updates generated up front and replayed, so generation is not timed
 
@@ -20,6 +21,14 @@ POOL = 4  # distinct updates generated up front and replayed, so generation is n
 def _updates(pool: list[dict[str, dict[str, np.ndarray]]], n: int) -> Iterator[ClientUpdate]:
     for i, modules in enumerate(islice(cycle(pool), n)):
         yield ClientUpdate(client=f"c{i}", num_samples=100 + i, modules=modules)
+
+
+def _as_received(modules: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    data, _ = encode_tensors(
+        {f"{m}.{p}": x for m, parts in modules.items() for p, x in parts.items()}
+    )
+    flat = decode_tensors(data)
+    return {m: {p: flat[f"{m}.{p}"] for p in parts} for m, parts in modules.items()}
 
 
 def _memcpy_gbps(nbytes: int, repeats: int) -> float:
@@ -44,7 +53,8 @@ def run(
     rank: int = 8,
 ) -> Iterator[dict[str, Any]]:
     memory = encoder_memory()
-    pool = [lora_update(memory, rank, seed) for seed in range(POOL)]
+    # Updates as the coordinator holds them: decoded from a received payload.
+    pool = [_as_received(lora_update(memory, rank, seed)) for seed in range(POOL)]
     global_modules = lora_update(memory, rank, seed=99)
     update_bytes = sum(x.nbytes for m in pool[0].values() for x in m.values())
     for merge in merges:

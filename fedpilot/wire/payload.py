@@ -11,11 +11,12 @@ checks pass.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Mapping
+from itertools import pairwise
+from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from fedpilot.v1 import errors_pb2, transfer_pb2
@@ -59,13 +60,56 @@ def iter_chunks(data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[byt
         yield bytes(view[start : start + chunk_bytes])
 
 
+_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+_MAX_HEADER_BYTES = 16 << 20
+
+
+def _malformed(why: str) -> WireError:
+    return WireError(
+        errors_pb2.ERROR_REASON_MALFORMED, f"payload is not valid safetensors: {why}", "payload"
+    )
+
+
 def decode_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """Read-only numpy views into ``data`` (no copy), after checking the header.
+
+    Tensors of one dtype that are stored back to back stay adjacent in memory,
+    which lets aggregation fold a whole update in with a few large operations.
+    """
+    if len(data) < 8:
+        raise _malformed("shorter than its 8-byte header length")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise _malformed(f"header length {header_len} exceeds the payload")
     try:
-        return dict(st_load(data))
-    except (SafetensorError, ValueError) as e:
-        raise WireError(
-            errors_pb2.ERROR_REASON_MALFORMED, f"payload is not safetensors: {e}", "payload"
-        ) from e
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _malformed(f"header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise _malformed("header is not a JSON object")
+    header.pop("__metadata__", None)
+    body = np.frombuffer(data, dtype=np.uint8, offset=8 + header_len)
+    spans = []
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise _malformed(f"tensor {name!r}: bad or unsupported entry {info!r}") from e
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(body):
+            raise _malformed(f"tensor {name!r}: offsets {begin}..{end} outside the data")
+        if (end - begin) != count * dtype.itemsize:
+            raise _malformed(f"tensor {name!r}: {end - begin} bytes do not hold shape {shape}")
+        spans.append((begin, end, name))
+        out[name] = body[begin:end].view(dtype).reshape(shape)
+    spans.sort()
+    for (_, end, first), (begin, _, second) in pairwise(spans):
+        if begin < end:
+            raise _malformed(f"tensors {first!r} and {second!r} overlap")
+    return out
 
 
 class PayloadReceiver:

@@ -227,3 +227,46 @@ def test_refactorise_of_a_large_low_rank_matrix_is_exact() -> None:
     a, b = refactorise(w, 8)
     np.testing.assert_allclose(b @ a, w, atol=1e-3 * np.abs(w).max())
     np.testing.assert_allclose(a[:6] @ a[:6].T, np.eye(6), atol=1e-4)
+
+
+def _received(modules):
+    """The same modules as views into one decoded payload (adjacent in memory)."""
+    from fedpilot.wire.payload import decode_tensors, encode_tensors
+
+    data, _ = encode_tensors(
+        {f"{m}.{p}": x for m, parts in modules.items() for p, x in parts.items()}
+    )
+    flat = decode_tensors(data)
+    return {m: {p: flat[f"{m}.{p}"] for p in parts} for m, parts in modules.items()}
+
+
+def test_updates_backed_by_one_payload_aggregate_like_separate_arrays() -> None:
+    rng = np.random.default_rng(11)
+    g = _global(rng, ("m1", "m2", "m3", "m4"))
+    plain = [
+        ClientUpdate("a", 3, {n: _module(rng) for n in ("m1", "m2", "m4")}),
+        ClientUpdate("b", 5, {n: _module(rng) for n in ("m2", "m3")}),
+    ]
+    packed = [ClientUpdate(u.client, u.num_samples, _received(u.modules)) for u in plain]
+    agg = Aggregator(g, {}, 1)
+    assert len(agg._runs(packed[0], sorted((m, p) for m in packed[0].modules for p in g[m]))) == 2
+    expected, result = aggregate(g, plain, {}, 1), aggregate(g, packed, {}, 1)
+    for name in g:
+        for part in g[name]:
+            np.testing.assert_array_equal(result.modules[name][part], expected.modules[name][part])
+
+
+def test_nan_inside_a_payload_backed_update_is_named_and_changes_nothing() -> None:
+    rng = np.random.default_rng(12)
+    g = _global(rng)
+    good = ClientUpdate("good", 2, _received({"m1": _module(rng), "m2": _module(rng)}))
+    bad_modules = {"m1": _module(rng), "m2": _module(rng)}
+    bad_modules["m2"]["lora_B"][1, 1] = np.nan
+    agg = Aggregator(g, {}, 1)
+    agg.add(good)
+    with pytest.raises(UpdateError, match="'m2', lora_B: contains NaN"):
+        agg.add(ClientUpdate("bad", 2, _received(bad_modules)))
+    result = agg.result()
+    np.testing.assert_allclose(
+        result.modules["m2"]["lora_B"], good.modules["m2"]["lora_B"], rtol=1e-6, atol=1e-6
+    )
