@@ -62,12 +62,40 @@ def iter_chunks(data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[byt
 
 _SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
 _MAX_HEADER_BYTES = 16 << 20
+_MAX_DIM = 1 << 40
 
 
 def _malformed(why: str) -> WireError:
     return WireError(
         errors_pb2.ERROR_REASON_MALFORMED, f"payload is not valid safetensors: {why}", "payload"
     )
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _MAX_DIM
+
+
+def _entry(
+    name: str, info: object, body_len: int
+) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
+    """One header entry, checked with plain integers (no float or overflow surprises)."""
+    if not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise _malformed(f"tensor {name!r}: bad or unsupported entry {info!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d) for d in shape):
+        raise _malformed(f"tensor {name!r}: bad shape {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise _malformed(f"tensor {name!r}: bad data_offsets {offsets!r}")
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    begin, end = offsets
+    if not begin <= end <= body_len:
+        raise _malformed(f"tensor {name!r}: offsets {begin}..{end} outside the data")
+    count = 1
+    for d in shape:
+        count *= d
+    if end - begin != count * dtype.itemsize:
+        raise _malformed(f"tensor {name!r}: {end - begin} bytes do not hold shape {shape}")
+    return dtype, tuple(shape), begin, end
 
 
 def decode_tensors(data: bytes) -> dict[str, np.ndarray]:
@@ -83,7 +111,7 @@ def decode_tensors(data: bytes) -> dict[str, np.ndarray]:
         raise _malformed(f"header length {header_len} exceeds the payload")
     try:
         header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8 and int-size errors
         raise _malformed(f"header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise _malformed("header is not a JSON object")
@@ -92,17 +120,7 @@ def decode_tensors(data: bytes) -> dict[str, np.ndarray]:
     spans = []
     out = {}
     for name, info in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise _malformed(f"tensor {name!r}: bad or unsupported entry {info!r}") from e
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(body):
-            raise _malformed(f"tensor {name!r}: offsets {begin}..{end} outside the data")
-        if (end - begin) != count * dtype.itemsize:
-            raise _malformed(f"tensor {name!r}: {end - begin} bytes do not hold shape {shape}")
+        dtype, shape, begin, end = _entry(name, info, len(body))
         spans.append((begin, end, name))
         out[name] = body[begin:end].view(dtype).reshape(shape)
     spans.sort()
