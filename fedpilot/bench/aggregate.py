@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedpilot.bench.synthetic import encoder_memory, lora_update
-from fedpilot.core.aggregation import Aggregator, ClientUpdate
+from fedpilot.core.aggregation import Aggregator, ClientUpdate, flatten, unflatten
 from fedpilot.wire.payload import decode_tensors, encode_tensors
 
 POOL = 4  # distinct updates generated up front and replayed, so generation is not timed
@@ -24,11 +24,8 @@ def _updates(pool: list[dict[str, dict[str, np.ndarray]]], n: int) -> Iterator[C
 
 
 def _as_received(modules: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-    data, _ = encode_tensors(
-        {f"{m}.{p}": x for m, parts in modules.items() for p, x in parts.items()}
-    )
-    flat = decode_tensors(data)
-    return {m: {p: flat[f"{m}.{p}"] for p in parts} for m, parts in modules.items()}
+    data, _ = encode_tensors(flatten(modules))
+    return unflatten(decode_tensors(data))
 
 
 def _memcpy_gbps(nbytes: int, repeats: int) -> float:

@@ -39,6 +39,28 @@ LORA_B = "lora_B"
 Module = Mapping[str, np.ndarray]
 """Named tensors of one module, e.g. ``{"lora_A": A, "lora_B": B}``."""
 
+SEPARATOR = "/"
+
+
+def tensor_key(module: str, part: str) -> str:
+    """Flat name of one tensor of a module, as it travels and is stored: ``module/part``."""
+    return f"{module}{SEPARATOR}{part}"
+
+
+def flatten(modules: Mapping[str, Module]) -> dict[str, np.ndarray]:
+    return {tensor_key(m, p): x for m, parts in modules.items() for p, x in parts.items()}
+
+
+def unflatten(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Inverse of :func:`flatten`; raises ValueError on a name without a module part."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, x in tensors.items():
+        module, sep, part = key.rpartition(SEPARATOR)
+        if not sep or not module or not part:
+            raise ValueError(f"tensor name {key!r} is not 'module{SEPARATOR}tensor'")
+        out.setdefault(module, {})[part] = x
+    return out
+
 
 class Rule(StrEnum):
     STAGG = "stagg"
@@ -207,13 +229,21 @@ class Aggregator:
         # rather than several per tensor (adapters have hundreds of small ones).
         self._slots: dict[tuple[str, str], tuple[int, int]] = {}
         size = 0
-        for name in sorted(global_modules):
-            if self._exact(global_modules[name]):
-                continue
-            for part in sorted(global_modules[name]):
-                n = global_modules[name][part].size
-                self._slots[(name, part)] = (size, n)
-                size += n
+        # Slots follow the order of flat tensor names, which is also the order in
+        # which a payload stores them, so decoded updates fold in as one stretch.
+        factor_keys = sorted(
+            (
+                (name, part)
+                for name, m in global_modules.items()
+                if not self._exact(m)
+                for part in m
+            ),
+            key=lambda k: tensor_key(*k),
+        )
+        for name, part in factor_keys:
+            n = global_modules[name][part].size
+            self._slots[(name, part)] = (size, n)
+            size += n
         dtypes = [x.dtype for m in global_modules.values() for x in m.values()]
         self._flat = np.zeros(size, dtype=np.result_type(np.float32, *dtypes))
         self._products: dict[str, np.ndarray] = {}
@@ -255,10 +285,13 @@ class Aggregator:
         self._check(update)
         n = update.num_samples
         keys = sorted(
-            (name, part)
-            for name, parts in update.modules.items()
-            if not self._exact(parts)
-            for part in parts
+            (
+                (name, part)
+                for name, parts in update.modules.items()
+                if not self._exact(parts)
+                for part in parts
+            ),
+            key=lambda k: tensor_key(*k),
         )
         runs = self._runs(update, keys)
         # One summation pass per stretch finds NaN/Inf (a non-finite sum); only
