@@ -1,0 +1,1 @@
+"""Coordinator persistence: SQLAlchemy tables, Alembic migrations, blob directory, store."""

@@ -1,0 +1,86 @@
+"""Content-addressed blob directory for adapter tensors.
+
+A blob is stored under ``<root>/<sha256[:2]>/<sha256>``: written to a
+temporary file in the same directory, fsynced, then renamed, so a reader sees
+either the whole blob or none (a crash leaves only a temporary file, removed
+on start). Database rows reference blobs by sha256; the same bytes are stored
+once. Why a directory and not PostgreSQL ``bytea``: see docs/architecture.md
+(measured with ``fedpilot bench blobs``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+
+class BlobError(ValueError):
+    """A blob's bytes do not match the digest they were declared with."""
+
+
+class BlobStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob("*/.tmp-*"):
+            stale.unlink(missing_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise BlobError(f"not a sha256 digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:
+        """Store the bytes; returns (sha256, size). Idempotent for equal content."""
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._tmpdir())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            sha = digest.hexdigest()
+            if expected_sha256 is not None and sha != expected_sha256:
+                raise BlobError(f"content sha256 {sha} != declared {expected_sha256}")
+            target = self.path(sha)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+            return sha, size
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        return self.put([data])
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def iter_chunks(self, sha256: str, chunk_bytes: int) -> Iterator[bytes]:
+        with self.path(sha256).open("rb") as f:
+            while chunk := f.read(chunk_bytes):
+                yield chunk
+
+    def _tmpdir(self) -> Path:
+        tmp = self.root / "00"
+        tmp.mkdir(exist_ok=True)
+        return tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

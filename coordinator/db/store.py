@@ -1,0 +1,515 @@
+"""The coordinator's one store: every state change that matters is one transaction.
+
+The round driver and the gRPC/REST handlers call these methods; none of them
+holds a session across calls, so any thread may use the store. Transient
+connection errors (a PostgreSQL restart, a killed backend) are retried with
+backoff; a retried write is safe because each is idempotent or runs in one
+transaction that either committed or did not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from fedpilot.coordinator.db import migrate
+from fedpilot.coordinator.db.models import (
+    AdapterVersion,
+    Job,
+    ModuleStat,
+    Profile,
+    Rejection,
+    Round,
+    Task,
+    Update,
+    Worker,
+    utcnow,
+)
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from fedpilot.core.ig_score import ModuleStats
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_transient = retry(
+    retry=retry_if_exception_type((OperationalError, InterfaceError)),
+    wait=wait_exponential(multiplier=0.2, max=5),
+    stop=stop_after_delay(60),
+    reraise=True,
+)
+
+
+def retrying(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retry ``fn`` on connection-level database errors for up to a minute."""
+    return _transient(fn)
+
+
+def database_url(data_dir: str | Path) -> str:
+    """``FEDPILOT_DATABASE_URL`` or the embedded SQLite file under ``data_dir``."""
+    url = os.environ.get("FEDPILOT_DATABASE_URL", "").strip()
+    if url:
+        return url
+    path = Path(data_dir) / "fedpilot.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def hash_token(token: str) -> str:
+    """Tokens are 256-bit random strings, so one SHA-256 suffices (no password stretching)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AuthError(Exception):
+    """Unknown worker or wrong token (deliberately not saying which to the caller)."""
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    update_id: int
+    duplicate: bool
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, *, upgrade: bool = True) -> Store:
+        engine = make_engine(url)
+        if upgrade:
+            retrying(migrate.upgrade)(engine)
+        return cls(engine)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # -- workers ---------------------------------------------------------------------------
+
+    @retrying
+    def register_worker(
+        self, name: str, labels: Mapping[str, str], device: Mapping[str, Any], budget_bytes: int
+    ) -> tuple[str, str]:
+        """A new worker id and its secret token; only the token's hash is kept."""
+        worker_id, token = str(uuid.uuid4()), secrets.token_urlsafe(32)
+        with self.session() as s, s.begin():
+            s.add(
+                Worker(
+                    id=worker_id,
+                    name=name,
+                    labels=dict(labels),
+                    device=dict(device),
+                    budget_bytes=budget_bytes,
+                    token_hash=hash_token(token),
+                )
+            )
+        return worker_id, token
+
+    @retrying
+    def authenticate(self, worker_id: str, token: str) -> Worker:
+        with self.session() as s:
+            worker = s.get(Worker, worker_id)
+        expected = worker.token_hash if worker is not None else hash_token(secrets.token_hex(8))
+        if not hmac.compare_digest(expected, hash_token(token)) or worker is None:
+            raise AuthError("unknown worker or bad token")
+        return worker
+
+    @retrying
+    def heartbeat(self, worker_id: str, state: str, task_id: str | None) -> None:
+        with self.session() as s, s.begin():
+            s.execute(
+                update(Worker)
+                .where(Worker.id == worker_id)
+                .values(last_heartbeat=utcnow(), state=state, current_task=task_id or None)
+            )
+
+    @retrying
+    def workers(self) -> list[Worker]:
+        with self.session() as s:
+            return list(s.scalars(select(Worker).order_by(Worker.registered_at)))
+
+    @retrying
+    def alive_workers(self, timeout_s: float) -> list[Worker]:
+        since = utcnow() - timedelta(seconds=timeout_s)
+        with self.session() as s:
+            return list(
+                s.scalars(select(Worker).where(Worker.last_heartbeat >= since).order_by(Worker.id))
+            )
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    @retrying
+    def create_job(self, name: str, spec: Mapping[str, Any]) -> str:
+        job_id = str(uuid.uuid4())
+        with self.session() as s, s.begin():
+            s.add(Job(id=job_id, name=name, spec=dict(spec), state="waiting", current_round=0))
+        return job_id
+
+    @retrying
+    def job(self, job_id: str) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    @retrying
+    def jobs(self, states: Iterable[str] | None = None) -> list[Job]:
+        query = select(Job).order_by(Job.created_at)
+        if states is not None:
+            query = query.where(Job.state.in_(list(states)))
+        with self.session() as s:
+            return list(s.scalars(query))
+
+    @retrying
+    def set_job_state(
+        self, job_id: str, state: str, *, error: str | None = None, current_round: int | None = None
+    ) -> None:
+        values: dict[str, Any] = {"state": state, "updated_at": utcnow()}
+        if error is not None:
+            values["error"] = error
+        if current_round is not None:
+            values["current_round"] = current_round
+        with self.session() as s, s.begin():
+            s.execute(update(Job).where(Job.id == job_id).values(**values))
+
+    # -- profiles --------------------------------------------------------------------------
+
+    @retrying
+    def save_profile(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        memory: Mapping[str, Any],
+        tensors: Mapping[str, Any],
+        budget_bytes: int,
+        method: str,
+        device: str,
+    ) -> None:
+        with self.session() as s, s.begin():
+            row = s.scalar(
+                select(Profile).where(Profile.job_id == job_id, Profile.worker_id == worker_id)
+            )
+            if row is None:
+                row = Profile(job_id=job_id, worker_id=worker_id)
+                s.add(row)
+            row.memory, row.tensors = dict(memory), dict(tensors)
+            row.budget_bytes, row.method, row.device = budget_bytes, method, device
+            row.created_at = utcnow()
+
+    @retrying
+    def profiles(self, job_id: str) -> dict[str, Profile]:
+        with self.session() as s:
+            rows = s.scalars(select(Profile).where(Profile.job_id == job_id))
+            return {p.worker_id: p for p in rows}
+
+    # -- rounds and tasks ------------------------------------------------------------------
+
+    @retrying
+    def open_round(
+        self,
+        job_id: str,
+        number: int,
+        *,
+        state: str,
+        participants: list[str],
+        deadline_at: datetime,
+        tasks: list[Task],
+    ) -> None:
+        """Create (or reset) the round and its tasks, and point the job at it, atomically."""
+        with self.session() as s, s.begin():
+            existing = s.get(Round, (job_id, number))
+            if existing is None:
+                s.add(
+                    Round(
+                        job_id=job_id,
+                        number=number,
+                        state=state,
+                        participants=participants,
+                        stragglers=[],
+                        metrics={},
+                        deadline_at=deadline_at,
+                    )
+                )
+            else:
+                existing.state, existing.participants = state, participants
+                existing.deadline_at = deadline_at
+            s.add_all(tasks)
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(state=state, current_round=number, updated_at=utcnow())
+            )
+
+    @retrying
+    def round(self, job_id: str, number: int) -> Round | None:
+        with self.session() as s:
+            return s.get(Round, (job_id, number))
+
+    @retrying
+    def rounds(self, job_id: str) -> list[Round]:
+        with self.session() as s:
+            return list(
+                s.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.number))
+            )
+
+    @retrying
+    def set_round(self, job_id: str, number: int, **values: Any) -> None:
+        with self.session() as s, s.begin():
+            s.execute(
+                update(Round).where(Round.job_id == job_id, Round.number == number).values(**values)
+            )
+
+    @retrying
+    def task(self, task_id: str) -> Task | None:
+        with self.session() as s:
+            return s.get(Task, task_id)
+
+    @retrying
+    def tasks(self, job_id: str, number: int, kind: str | None = None) -> list[Task]:
+        query = select(Task).where(Task.job_id == job_id, Task.round == number)
+        if kind is not None:
+            query = query.where(Task.kind == kind)
+        with self.session() as s:
+            return list(s.scalars(query.order_by(Task.created_at, Task.id)))
+
+    @retrying
+    def offered_task(self, worker_id: str) -> Task | None:
+        """The oldest task offered to the worker and not yet finished (re-offered until then)."""
+        with self.session() as s:
+            return s.scalar(
+                select(Task)
+                .where(Task.worker_id == worker_id, Task.status == "offered")
+                .order_by(Task.created_at)
+                .limit(1)
+            )
+
+    @retrying
+    def set_task_status(self, task_id: str, status: str, reason: str | None = None) -> None:
+        with self.session() as s, s.begin():
+            s.execute(
+                update(Task)
+                .where(Task.id == task_id)
+                .values(status=status, reason=reason, updated_at=utcnow())
+            )
+
+    @retrying
+    def finish_profile_task(
+        self, task_id: str, job_id: str, worker_id: str, profile: Mapping[str, Any]
+    ) -> None:
+        """Store the profile and mark its task done in one transaction."""
+        with self.session() as s, s.begin():
+            row = s.scalar(
+                select(Profile).where(Profile.job_id == job_id, Profile.worker_id == worker_id)
+            )
+            if row is None:
+                row = Profile(job_id=job_id, worker_id=worker_id)
+                s.add(row)
+            for key, value in profile.items():
+                setattr(row, key, value)
+            row.created_at = utcnow()
+            s.execute(
+                update(Task).where(Task.id == task_id).values(status="done", updated_at=utcnow())
+            )
+
+    # -- updates ---------------------------------------------------------------------------
+
+    def _existing_update(self, s: Session, row: Update) -> Update | None:
+        return s.scalar(
+            select(Update).where(
+                Update.job_id == row.job_id,
+                Update.round == row.round,
+                Update.worker_id == row.worker_id,
+            )
+        )
+
+    @retrying
+    def record_update(self, row: Update) -> UpdateRecord:
+        """Insert the update and finish its task; the same (job, round, worker) counts once."""
+        try:
+            with self.session() as s, s.begin():
+                existing = self._existing_update(s, row)
+                if existing is not None:
+                    return UpdateRecord(existing.id, True)
+                s.add(row)
+                s.flush()
+                s.execute(
+                    update(Task)
+                    .where(Task.id == row.task_id)
+                    .values(status="done", updated_at=utcnow())
+                )
+                return UpdateRecord(row.id, False)
+        except IntegrityError:
+            # A concurrent retry of the same upload won the race.
+            with self.session() as s:
+                existing = self._existing_update(s, row)
+            if existing is None:
+                raise
+            return UpdateRecord(existing.id, True)
+
+    @retrying
+    def updates(self, job_id: str, number: int) -> list[Update]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Update)
+                    .where(Update.job_id == job_id, Update.round == number)
+                    .order_by(Update.id)
+                )
+            )
+
+    @retrying
+    def record_rejection(
+        self,
+        reason: str,
+        message: str,
+        *,
+        job_id: str | None = None,
+        round_number: int | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        with self.session() as s, s.begin():
+            s.add(
+                Rejection(
+                    job_id=job_id,
+                    round=round_number,
+                    worker_id=worker_id,
+                    reason=reason,
+                    message=message[:2000],
+                )
+            )
+
+    @retrying
+    def rejections(self, job_id: str) -> list[Rejection]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Rejection).where(Rejection.job_id == job_id).order_by(Rejection.id)
+                )
+            )
+
+    # -- adapter versions and module statistics -------------------------------------------
+
+    @retrying
+    def latest_version(self, job_id: str) -> AdapterVersion | None:
+        with self.session() as s:
+            return s.scalar(
+                select(AdapterVersion)
+                .where(AdapterVersion.job_id == job_id)
+                .order_by(AdapterVersion.version.desc())
+                .limit(1)
+            )
+
+    @retrying
+    def version(self, job_id: str, version: int) -> AdapterVersion | None:
+        with self.session() as s:
+            return s.get(AdapterVersion, (job_id, version))
+
+    @retrying
+    def versions(self, job_id: str) -> list[AdapterVersion]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(AdapterVersion)
+                    .where(AdapterVersion.job_id == job_id)
+                    .order_by(AdapterVersion.version)
+                )
+            )
+
+    @retrying
+    def module_stats(self, job_id: str) -> dict[str, ModuleStats]:
+        with self.session() as s:
+            rows = s.scalars(select(ModuleStat).where(ModuleStat.job_id == job_id))
+            return {r.module: ModuleStats(r.update_count, r.last_round, r.score) for r in rows}
+
+    @retrying
+    def commit_version(
+        self,
+        job_id: str,
+        *,
+        version: int,
+        round_number: int,
+        sha256: str,
+        byte_count: int,
+        stats: Mapping[str, ModuleStats] | None = None,
+        close_round: Mapping[str, Any] | None = None,
+        job_state: str | None = None,
+    ) -> bool:
+        """Commit a global adapter version, module statistics, the round's closing and the
+        job's next state in ONE transaction. Returns False if the version already exists
+        (a retry after a crash), changing nothing."""
+        with self.session() as s, s.begin():
+            if s.get(AdapterVersion, (job_id, version)) is not None:
+                return False
+            parent = s.scalar(
+                select(AdapterVersion.sha256).where(
+                    AdapterVersion.job_id == job_id, AdapterVersion.version == version - 1
+                )
+            )
+            s.add(
+                AdapterVersion(
+                    job_id=job_id,
+                    version=version,
+                    round=round_number,
+                    sha256=sha256,
+                    parent_sha256=parent,
+                    byte_count=byte_count,
+                )
+            )
+            for module, st in (stats or {}).items():
+                row = s.get(ModuleStat, (job_id, module))
+                if row is None:
+                    row = ModuleStat(job_id=job_id, module=module)
+                    s.add(row)
+                row.update_count, row.last_round, row.score = (
+                    st.update_count,
+                    st.last_round,
+                    st.score,
+                )
+            if close_round is not None:
+                s.execute(
+                    update(Round)
+                    .where(Round.job_id == job_id, Round.number == round_number)
+                    .values(closed_at=utcnow(), **close_round)
+                )
+            if job_state is not None:
+                s.execute(
+                    update(Job).where(Job.id == job_id).values(state=job_state, updated_at=utcnow())
+                )
+        return True
+
+    @retrying
+    def count(self, model: type[Any]) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,46 @@
+import hashlib
+
+import pytest
+from fedpilot.coordinator.db.blobs import BlobError, BlobStore
+
+
+def test_put_is_content_addressed_and_idempotent(tmp_path) -> None:
+    blobs = BlobStore(tmp_path)
+    sha, size = blobs.put([b"abc", b"def"])
+    assert sha == hashlib.sha256(b"abcdef").hexdigest() and size == 6
+    assert blobs.put_bytes(b"abcdef") == (sha, 6)
+    assert blobs.read(sha) == b"abcdef"
+    assert b"".join(blobs.iter_chunks(sha, 4)) == b"abcdef"
+
+
+def test_declared_digest_mismatch_stores_nothing(tmp_path) -> None:
+    blobs = BlobStore(tmp_path)
+    with pytest.raises(BlobError, match="declared"):
+        blobs.put([b"abc"], expected_sha256="0" * 64)
+    assert not blobs.exists(hashlib.sha256(b"abc").hexdigest())
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_a_crash_mid_write_leaves_no_visible_blob(tmp_path) -> None:
+    blobs = BlobStore(tmp_path)
+
+    def chunks():
+        yield b"partial"
+        raise OSError("killed")
+
+    with pytest.raises(OSError):
+        blobs.put(chunks())
+    assert not blobs.exists(hashlib.sha256(b"partial").hexdigest())
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_leftover_temporary_files_are_cleaned_on_open(tmp_path) -> None:
+    (tmp_path / "00").mkdir()
+    (tmp_path / "00" / ".tmp-abc").write_bytes(b"x")
+    BlobStore(tmp_path)
+    assert not (tmp_path / "00" / ".tmp-abc").exists()
+
+
+def test_bad_digests_are_refused(tmp_path) -> None:
+    with pytest.raises(BlobError):
+        BlobStore(tmp_path).path("../../etc/passwd")

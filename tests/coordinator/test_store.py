@@ -1,0 +1,189 @@
+"""The store's contract, on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from fedpilot.coordinator.db import migrate
+from fedpilot.coordinator.db.models import AdapterVersion, Base, ModuleStat, Task, Update, Worker
+from fedpilot.coordinator.db.store import AuthError, Store, make_engine, utcnow
+from sqlalchemy import update
+
+from fedpilot.core.ig_score import ModuleStats
+
+
+def test_migrations_build_exactly_the_models_schema(database_url: str) -> None:
+    engine = make_engine(database_url)
+    assert not migrate.is_current(engine)
+    migrate.upgrade(engine)
+    assert migrate.is_current(engine)
+    migrate.upgrade(engine)  # idempotent
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+@pytest.fixture()
+def store(database_url: str) -> Store:
+    return Store.open(database_url)
+
+
+def _job_with_round(store: Store) -> tuple[str, str]:
+    job_id = store.create_job("j", {"rounds": 2})
+    worker_id, _ = store.register_worker("w", {"gpu": "a10"}, {"kind": "cpu"}, 10**9)
+    task = Task(
+        id="t1",
+        job_id=job_id,
+        round=1,
+        worker_id=worker_id,
+        kind="train",
+        modules=["m"],
+        scores={},
+        status="offered",
+    )
+    store.open_round(
+        job_id,
+        1,
+        state="training",
+        participants=[worker_id],
+        deadline_at=utcnow() + timedelta(minutes=5),
+        tasks=[task],
+    )
+    return job_id, worker_id
+
+
+def _update(job_id: str, worker_id: str, task_id: str = "t1") -> Update:
+    return Update(
+        job_id=job_id,
+        round=1,
+        worker_id=worker_id,
+        task_id=task_id,
+        sha256="a" * 64,
+        byte_count=10,
+        num_samples=5,
+        loss_before=2.0,
+        loss_after=1.0,
+        local_scores={},
+        predicted_bytes=1,
+        measured_peak_bytes=1,
+        train_seconds=0.1,
+    )
+
+
+def test_tokens_are_stored_hashed_and_checked(store: Store) -> None:
+    worker_id, token = store.register_worker("w", {}, {}, 1)
+    assert store.authenticate(worker_id, token).id == worker_id
+    with store.session() as s:
+        assert s.get(Worker, worker_id).token_hash != token
+    with pytest.raises(AuthError):
+        store.authenticate(worker_id, token + "x")
+    with pytest.raises(AuthError):
+        store.authenticate("nobody", token)
+
+
+def test_the_same_update_counts_once(store: Store) -> None:
+    job_id, worker_id = _job_with_round(store)
+    first = store.record_update(_update(job_id, worker_id))
+    again = store.record_update(_update(job_id, worker_id))
+    assert not first.duplicate and again.duplicate and again.update_id == first.update_id
+    assert len(store.updates(job_id, 1)) == 1
+    assert store.task("t1").status == "done"
+
+
+def test_version_commit_is_all_or_nothing(store: Store, monkeypatch) -> None:
+    job_id, _ = _job_with_round(store)
+    stats = {"m": ModuleStats(update_count=1, last_round=1, score=0.5)}
+
+    # A failure inside the transaction (after the version row is added) leaves nothing.
+    original_get = type(store.session()).get
+
+    def failing_get(self, entity, ident, *a, **k):
+        if entity is ModuleStat:
+            raise RuntimeError("disk full")
+        return original_get(self, entity, ident, *a, **k)
+
+    monkeypatch.setattr(type(store.session()), "get", failing_get)
+    with pytest.raises(RuntimeError):
+        store.commit_version(
+            job_id,
+            version=1,
+            round_number=1,
+            sha256="b" * 64,
+            byte_count=3,
+            stats=stats,
+            close_round={"state": "closed"},
+            job_state="done",
+        )
+    monkeypatch.undo()
+    assert store.latest_version(job_id) is None
+    assert store.module_stats(job_id) == {}
+    assert store.round(job_id, 1).closed_at is None
+    assert store.job(job_id).state == "training"
+
+    assert store.commit_version(
+        job_id,
+        version=1,
+        round_number=1,
+        sha256="b" * 64,
+        byte_count=3,
+        stats=stats,
+        close_round={"state": "closed"},
+        job_state="done",
+    )
+    assert store.latest_version(job_id).sha256 == "b" * 64
+    assert store.module_stats(job_id) == stats
+    assert store.round(job_id, 1).closed_at is not None
+    assert store.job(job_id).state == "done"
+    # A retry of the same commit changes nothing.
+    assert not store.commit_version(
+        job_id, version=1, round_number=1, sha256="c" * 64, byte_count=3
+    )
+    assert store.latest_version(job_id).sha256 == "b" * 64
+
+
+def test_versions_form_a_checksum_chain(store: Store) -> None:
+    job_id, _ = _job_with_round(store)
+    for v, sha in enumerate(["0" * 64, "1" * 64, "2" * 64]):
+        store.commit_version(job_id, version=v, round_number=v, sha256=sha, byte_count=1)
+    chain = store.versions(job_id)
+    assert [v.parent_sha256 for v in chain] == [None, "0" * 64, "1" * 64]
+
+
+def test_alive_workers_are_those_with_recent_heartbeats(store: Store) -> None:
+    fresh, _ = store.register_worker("fresh", {}, {}, 1)
+    stale, _ = store.register_worker("stale", {}, {}, 1)
+    with store.session() as s, s.begin():
+        s.execute(
+            update(Worker)
+            .where(Worker.id == stale)
+            .values(last_heartbeat=utcnow() - timedelta(minutes=10))
+        )
+    assert [w.id for w in store.alive_workers(60)] == [fresh]
+    store.heartbeat(stale, "idle", None)
+    assert {w.id for w in store.alive_workers(60)} == {fresh, stale}
+
+
+def test_offered_tasks_are_re_offered_until_finished(store: Store) -> None:
+    _job_id, worker_id = _job_with_round(store)
+    assert store.offered_task(worker_id).id == "t1"
+    assert store.offered_task(worker_id).id == "t1"
+    store.set_task_status("t1", "refused", "budget")
+    assert store.offered_task(worker_id) is None
+    assert store.task("t1").reason == "budget"
+
+
+def test_rejections_are_recorded_per_job(store: Store) -> None:
+    job_id, worker_id = _job_with_round(store)
+    store.record_rejection(
+        "ERROR_REASON_NON_FINITE",
+        "tensor x has NaN",
+        job_id=job_id,
+        round_number=1,
+        worker_id=worker_id,
+    )
+    (row,) = store.rejections(job_id)
+    assert row.reason == "ERROR_REASON_NON_FINITE" and "NaN" in row.message
+    assert store.count(AdapterVersion) == 0
