@@ -77,6 +77,40 @@ def plan(
     Console().print(table)
 
 
+@app.command()
+def profile(
+    model: Annotated[
+        str, typer.Option(help="Local HF model directory (default: bundled MiniLM).")
+    ] = "",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    seq_len: Annotated[int, typer.Option(min=1)] = 128,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
+    target_modules: Annotated[
+        str, typer.Option(help="Comma-separated LoRA targets.")
+    ] = "query,value",
+    num_labels: Annotated[int, typer.Option(min=2)] = 2,
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    output: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
+) -> None:
+    """Measure the memory model of a LoRA configuration; prints `fedpilot plan` JSON."""
+    from fedpilot.worker.cli import profile_main
+
+    raise typer.Exit(
+        profile_main(
+            model or None,
+            batch_size,
+            seq_len,
+            rank,
+            target_modules=target_modules,
+            num_labels=num_labels,
+            dtype=dtype,
+            device=device,
+            output=output,
+        )
+    )
+
+
 def main() -> None:
     app()
 
