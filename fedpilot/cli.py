@@ -13,6 +13,7 @@ from rich.table import Table
 
 from fedpilot import __version__
 from fedpilot.bench.cli import bench_app
+from fedpilot.services_cli import coordinator, db_app, worker
 
 app = typer.Typer(
     help="Federated LoRA fine-tuning for clients with heterogeneous GPU memory.",
@@ -20,6 +21,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(bench_app, name="bench")
+app.add_typer(db_app, name="db")
+app.command()(coordinator)
+app.command()(worker)
 
 
 def _mib(n: int) -> str:

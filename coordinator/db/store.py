@@ -20,6 +20,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
 from fedpilot.coordinator.db import migrate
 from fedpilot.coordinator.db.models import (
     AdapterVersion,
@@ -33,12 +39,6 @@ from fedpilot.coordinator.db.models import (
     Worker,
     utcnow,
 )
-from sqlalchemy import create_engine, event, func, select, update
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
-
 from fedpilot.core.ig_score import ModuleStats
 
 P = ParamSpec("P")

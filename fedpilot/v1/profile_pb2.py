@@ -22,19 +22,20 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fedpilot.v1 import transfer_pb2 as fedpilot_dot_v1_dot_transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64pilot/v1/profile.proto\x12\x0b\x66\x65\x64pilot.v1\"S\n\nModuleCost\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0bparam_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x65xtra_bytes\x18\x04 \x01(\x04\"\xd3\x01\n\rMemoryProfile\x12\x12\n\nconfig_key\x18\x01 \x01(\t\x12\x12\n\nbase_bytes\x18\x02 \x01(\x04\x12\x1e\n\x16layer_activation_bytes\x18\x03 \x03(\x04\x12(\n\x07modules\x18\x04 \x03(\x0b\x32\x17.fedpilot.v1.ModuleCost\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12*\n\x06method\x18\x06 \x01(\x0e\x32\x1a.fedpilot.v1.ProfileMethod\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t*o\n\rProfileMethod\x12\x1e\n\x1aPROFILE_METHOD_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROFILE_METHOD_CUDA_PEAK\x10\x01\x12 \n\x1cPROFILE_METHOD_SAVED_TENSORS\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64pilot/v1/profile.proto\x12\x0b\x66\x65\x64pilot.v1\x1a\x1a\x66\x65\x64pilot/v1/transfer.proto\"S\n\nModuleCost\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0bparam_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x65xtra_bytes\x18\x04 \x01(\x04\"\xfd\x01\n\rMemoryProfile\x12\x12\n\nconfig_key\x18\x01 \x01(\t\x12\x12\n\nbase_bytes\x18\x02 \x01(\x04\x12\x1e\n\x16layer_activation_bytes\x18\x03 \x03(\x04\x12(\n\x07modules\x18\x04 \x03(\x0b\x32\x17.fedpilot.v1.ModuleCost\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12*\n\x06method\x18\x06 \x01(\x0e\x32\x1a.fedpilot.v1.ProfileMethod\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12(\n\x07tensors\x18\x08 \x03(\x0b\x32\x17.fedpilot.v1.TensorSpec*o\n\rProfileMethod\x12\x1e\n\x1aPROFILE_METHOD_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROFILE_METHOD_CUDA_PEAK\x10\x01\x12 \n\x1cPROFILE_METHOD_SAVED_TENSORS\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedpilot.v1.profile_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROFILEMETHOD']._serialized_start=341
-  _globals['_PROFILEMETHOD']._serialized_end=452
-  _globals['_MODULECOST']._serialized_start=42
-  _globals['_MODULECOST']._serialized_end=125
-  _globals['_MEMORYPROFILE']._serialized_start=128
-  _globals['_MEMORYPROFILE']._serialized_end=339
+  _globals['_PROFILEMETHOD']._serialized_start=411
+  _globals['_PROFILEMETHOD']._serialized_end=522
+  _globals['_MODULECOST']._serialized_start=70
+  _globals['_MODULECOST']._serialized_end=153
+  _globals['_MEMORYPROFILE']._serialized_start=156
+  _globals['_MEMORYPROFILE']._serialized_end=409
 # @@protoc_insertion_point(module_scope)

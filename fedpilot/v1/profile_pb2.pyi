@@ -1,3 +1,4 @@
+from fedpilot.v1 import transfer_pb2 as _transfer_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -29,7 +30,7 @@ class ModuleCost(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layer: _Optional[int] = ..., param_bytes: _Optional[int] = ..., extra_bytes: _Optional[int] = ...) -> None: ...
 
 class MemoryProfile(_message.Message):
-    __slots__ = ("config_key", "base_bytes", "layer_activation_bytes", "modules", "budget_bytes", "method", "device")
+    __slots__ = ("config_key", "base_bytes", "layer_activation_bytes", "modules", "budget_bytes", "method", "device", "tensors")
     CONFIG_KEY_FIELD_NUMBER: _ClassVar[int]
     BASE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYER_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +38,7 @@ class MemoryProfile(_message.Message):
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     config_key: str
     base_bytes: int
     layer_activation_bytes: _containers.RepeatedScalarFieldContainer[int]
@@ -44,4 +46,5 @@ class MemoryProfile(_message.Message):
     budget_bytes: int
     method: ProfileMethod
     device: str
-    def __init__(self, config_key: _Optional[str] = ..., base_bytes: _Optional[int] = ..., layer_activation_bytes: _Optional[_Iterable[int]] = ..., modules: _Optional[_Iterable[_Union[ModuleCost, _Mapping]]] = ..., budget_bytes: _Optional[int] = ..., method: _Optional[_Union[ProfileMethod, str]] = ..., device: _Optional[str] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[_transfer_pb2.TensorSpec]
+    def __init__(self, config_key: _Optional[str] = ..., base_bytes: _Optional[int] = ..., layer_activation_bytes: _Optional[_Iterable[int]] = ..., modules: _Optional[_Iterable[_Union[ModuleCost, _Mapping]]] = ..., budget_bytes: _Optional[int] = ..., method: _Optional[_Union[ProfileMethod, str]] = ..., device: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_transfer_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...

@@ -34,8 +34,8 @@ _DTYPES = {
 _NUMPY = {v: k for k, v in _DTYPES.items()}
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[bytes, transfer_pb2.PayloadManifest]:
-    """Serialise ``tensors`` (float32/float16) and describe them in a manifest."""
+def tensor_specs(tensors: Mapping[str, np.ndarray]) -> list[transfer_pb2.TensorSpec]:
+    """Manifest entries for ``tensors`` (float32/float16 only), sorted by name."""
     specs = []
     for name in sorted(tensors):
         x = tensors[name]
@@ -46,6 +46,12 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[bytes, transfer_p
         specs.append(
             transfer_pb2.TensorSpec(name=name, shape=list(x.shape), dtype=_DTYPES[x.dtype])
         )
+    return specs
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[bytes, transfer_pb2.PayloadManifest]:
+    """Serialise ``tensors`` (float32/float16) and describe them in a manifest."""
+    specs = tensor_specs(tensors)
     data = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
     manifest = transfer_pb2.PayloadManifest(
         tensors=specs, total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
@@ -164,6 +170,8 @@ class PayloadReceiver:
         self._hash = hashlib.sha256()
         self._parts: list[bytes] = []
         self.received = 0
+        self.data = b""
+        """The verified payload bytes, once :meth:`finish` has passed."""
 
     def feed(self, chunk: bytes) -> None:
         if len(chunk) > self._max_chunk:
@@ -197,8 +205,9 @@ class PayloadReceiver:
                 f"sha256 of the received bytes is {digest}, manifest says {self.manifest.sha256}",
                 "manifest.sha256",
             )
-        tensors = decode_tensors(b"".join(self._parts))
+        self.data = b"".join(self._parts)
         self._parts.clear()
+        tensors = decode_tensors(self.data)
         check_tensors(tensors, self.manifest)
         return tensors
 

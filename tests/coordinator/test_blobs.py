@@ -1,6 +1,7 @@
 import hashlib
 
 import pytest
+
 from fedpilot.coordinator.db.blobs import BlobError, BlobStore
 
 

@@ -7,11 +7,11 @@ from datetime import timedelta
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import update
+
 from fedpilot.coordinator.db import migrate
 from fedpilot.coordinator.db.models import AdapterVersion, Base, ModuleStat, Task, Update, Worker
 from fedpilot.coordinator.db.store import AuthError, Store, make_engine, utcnow
-from sqlalchemy import update
-
 from fedpilot.core.ig_score import ModuleStats
 
 

@@ -269,3 +269,14 @@ def test_nan_inside_a_payload_backed_update_is_named_and_changes_nothing() -> No
     np.testing.assert_allclose(
         result.modules["m2"]["lora_B"], good.modules["m2"]["lora_B"], rtol=1e-6, atol=1e-6
     )
+
+
+def test_initial_adapter_is_deterministic_and_starts_at_the_base_model() -> None:
+    from fedpilot.core.initial import initial_adapter
+
+    shapes = {"m": {"lora_A": [4, 6], "lora_B": [5, 4]}, "head": {"weight": [3, 6], "bias": [3]}}
+    a, b = initial_adapter(shapes, seed=1), initial_adapter(shapes, seed=1)
+    assert all(np.array_equal(a[m][p], b[m][p]) for m in a for p in a[m])
+    assert not np.any(product(a["m"]))  # B = 0: the adapted model equals the base model
+    assert np.abs(a["m"]["lora_A"]).max() <= 1 / np.sqrt(6)
+    assert a["head"]["weight"].std() > 0 and not np.any(a["head"]["bias"])

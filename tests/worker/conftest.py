@@ -1,38 +1,12 @@
-"""Fixtures: a tiny random BERT with a WordPiece vocabulary, saved as a local model directory."""
+"""Worker fixtures on the tiny random BERT of tests/models.py."""
 
 from pathlib import Path
 
 import pytest
-import torch
 from peft import PeftModel
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-from fedpilot.worker.data import synthetic_words
 from fedpilot.worker.model import ModelSpec, load_model
-
-TINY_LABELS = 3
-TINY_LAYERS = 3
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-bert")
-    words = SPECIAL + synthetic_words(TINY_LABELS)
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
-    config = BertConfig(
-        vocab_size=len(words),
-        hidden_size=64,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        num_labels=TINY_LABELS,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from tests.models import TINY_LABELS
 
 
 @pytest.fixture

@@ -24,8 +24,7 @@ from fedpilot.worker.model import (
     to_peft_state_dict,
     trainable_modules,
 )
-
-from .conftest import TINY_LAYERS
+from tests.models import TINY_LAYERS
 
 
 def _randomised(state: dict, seed: int = 1) -> dict:

@@ -1,0 +1,411 @@
+"""The round state machine of every job, advanced by one driver thread.
+
+    waiting -> profiling -> training -> aggregating -> evaluating -> (next round | done)
+                      \\-> failed / cancelled
+
+Every transition is persisted before the work it starts, and every piece of
+work is idempotent, so a coordinator killed at any point resumes from the
+stored state: a round in ``aggregating`` is aggregated again from the stored
+updates (the version commit refuses a second copy), a round in ``training``
+keeps waiting for the uploads it has not received.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+from fedpilot.coordinator import metrics
+from fedpilot.coordinator.db.blobs import BlobStore
+from fedpilot.coordinator.db.models import Job, Task, Worker
+from fedpilot.coordinator.db.store import Store, utcnow
+from fedpilot.coordinator.jobspec import JobSpec
+from fedpilot.coordinator.settings import CoordinatorSettings
+from fedpilot.core.aggregation import Aggregator, ClientUpdate, UpdateError, flatten, unflatten
+from fedpilot.core.ig_score import combine, global_scores
+from fedpilot.core.initial import initial_adapter
+from fedpilot.core.memory import MemoryModel, ModuleCost, WorkerProfile
+from fedpilot.core.strategies import Client, assign
+from fedpilot.wire.payload import decode_tensors, encode_tensors
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("waiting", "profiling", "training", "aggregating", "evaluating")
+
+Evaluator = Callable[[JobSpec, Mapping[str, Mapping[str, np.ndarray]]], dict[str, float]]
+"""Scores a global adapter on the job's held-out set: ``{"eval_loss", "eval_accuracy"}``."""
+
+
+def memory_model(stored: Mapping[str, Any]) -> MemoryModel:
+    return MemoryModel(
+        base_bytes=int(stored["base_bytes"]),
+        layer_activation_bytes=tuple(int(a) for a in stored["layer_activation_bytes"]),
+        modules=tuple(
+            ModuleCost(m["name"], int(m["layer"]), int(m["param_bytes"]), int(m["extra_bytes"]))
+            for m in stored["modules"]
+        ),
+    )
+
+
+class RoundDriver:
+    """Advances every active job one step per :meth:`tick`."""
+
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        settings: CoordinatorSettings,
+        tasks_ready: threading.Condition,
+        evaluator: Evaluator | None = None,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.settings = settings
+        self.tasks_ready = tasks_ready
+        self.evaluator = evaluator
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.tick()
+            stop.wait(self.settings.tick_seconds)
+
+    def tick(self) -> None:
+        metrics.ALIVE_WORKERS.set(len(self.store.alive_workers(self.settings.heartbeat_timeout_s)))
+        for job in self.store.jobs(ACTIVE):
+            try:
+                self.advance(job)
+            except Exception as e:  # one job's failure must not stop the others
+                log.exception("job %s: step failed", job.id)
+                if not _transient(e):
+                    self.store.set_job_state(job.id, "failed", error=f"{type(e).__name__}: {e}")
+
+    def advance(self, job: Job) -> None:
+        spec = JobSpec.model_validate(job.spec)
+        step = {
+            "waiting": self._waiting,
+            "profiling": self._profiling,
+            "training": self._training,
+            "aggregating": self._aggregating,
+            "evaluating": self._evaluating,
+        }[job.state]
+        step(job, spec)
+
+    def _notify(self) -> None:
+        with self.tasks_ready:
+            self.tasks_ready.notify_all()
+
+    # -- waiting and profiling -----------------------------------------------------------
+
+    def _participants(self, spec: JobSpec, number: int) -> list[Worker] | None:
+        alive = self.store.alive_workers(self.settings.heartbeat_timeout_s)
+        if len(alive) < spec.min_workers:
+            return None
+        want = spec.participants or math.ceil(spec.participation_fraction * len(alive))
+        want = min(len(alive), max(want, spec.min_workers))
+        rng = random.Random(spec.seed * 1_000_003 + number)
+        return sorted(rng.sample(alive, want), key=lambda w: w.id)
+
+    def _waiting(self, job: Job, spec: JobSpec) -> None:
+        number = job.current_round + 1
+        participants = self._participants(spec, number)
+        if participants is None:
+            return
+        profiles = self.store.profiles(job.id)
+        missing = [w for w in participants if w.id not in profiles]
+        deadline = utcnow() + timedelta(seconds=spec.round_deadline_s)
+        if not missing:
+            self._assign(job, spec, number, [w.id for w in participants])
+            return
+        tasks = [
+            Task(
+                id=str(uuid.uuid4()),
+                job_id=job.id,
+                round=number,
+                worker_id=w.id,
+                kind="profile",
+                modules=[],
+                scores={},
+                status="offered",
+            )
+            for w in missing
+        ]
+        self.store.open_round(
+            job.id,
+            number,
+            state="profiling",
+            participants=[w.id for w in participants],
+            deadline_at=deadline,
+            tasks=tasks,
+        )
+        log.info("job %s round %d: profiling %d workers", job.id, number, len(tasks))
+        self._notify()
+
+    def _profiling(self, job: Job, spec: JobSpec) -> None:
+        number = job.current_round
+        rnd = self.store.round(job.id, number)
+        assert rnd is not None
+        tasks = self.store.tasks(job.id, number, "profile")
+        pending = [t for t in tasks if t.status == "offered"]
+        if pending and utcnow() < rnd.deadline_at:
+            return
+        for t in pending:
+            self.store.set_task_status(t.id, "straggler", "no profile before the deadline")
+        profiles = self.store.profiles(job.id)
+        ready = [w for w in rnd.participants if w in profiles]
+        if not ready:
+            # Nobody could profile: start the round over with whoever is alive then.
+            self.store.set_job_state(job.id, "waiting", current_round=number - 1)
+            return
+        self._assign(job, spec, number, ready)
+
+    # -- assignment ----------------------------------------------------------------------
+
+    def _ensure_initial_adapter(self, job: Job, spec: JobSpec, shapes: Mapping[str, Any]) -> None:
+        if self.store.latest_version(job.id) is not None:
+            return
+        modules = unflatten_shapes(shapes)
+        data, _ = encode_tensors(flatten(initial_adapter(modules, seed=spec.seed)))
+        sha, size = self.blobs.put_bytes(data)
+        self.store.commit_version(job.id, version=0, round_number=0, sha256=sha, byte_count=size)
+
+    def _global_shapes(self, job: Job) -> dict[str, list[int]]:
+        version = self.store.latest_version(job.id)
+        assert version is not None
+        return {
+            k: list(v.shape) for k, v in decode_tensors(self.blobs.read(version.sha256)).items()
+        }
+
+    def _assign(self, job: Job, spec: JobSpec, number: int, participant_ids: list[str]) -> None:
+        profiles = self.store.profiles(job.id)
+        first = profiles[participant_ids[0]]
+        self._ensure_initial_adapter(job, spec, first.tensors)
+        shapes = self._global_shapes(job)
+        version = self.store.latest_version(job.id)
+        assert version is not None
+        stats = self.store.module_stats(job.id)
+        previous = {u.worker_id: u.local_scores for u in self.store.updates(job.id, number - 1)}
+        clients, refused = [], []
+        for wid in participant_ids:
+            p = profiles[wid]
+            if p.tensors != shapes:
+                refused.append((wid, "profiled adapter tensors differ from the global adapter"))
+                continue
+            memory = memory_model(p.memory)
+            names = memory.module_names
+            scores = combine(
+                previous.get(wid, {}), global_scores(stats, names), spec.ig_lambda, names
+            )
+            clients.append(Client(wid, WorkerProfile(memory, p.budget_bytes), scores))
+        assignments = assign(clients, spec.strategy, seed=spec.seed + number)
+        tasks = []
+        for a in assignments:
+            ok = a.feasible and bool(a.modules)
+            tasks.append(
+                Task(
+                    id=str(uuid.uuid4()),
+                    job_id=job.id,
+                    round=number,
+                    worker_id=a.client,
+                    kind="train",
+                    modules=list(a.modules),
+                    predicted_bytes=a.predicted_bytes,
+                    value=a.value,
+                    scores={},
+                    adapter_version=version.version,
+                    status="offered" if ok else "refused",
+                    reason=None if ok else (a.reason or "no module fits the budget"),
+                )
+            )
+        tasks += [
+            Task(
+                id=str(uuid.uuid4()),
+                job_id=job.id,
+                round=number,
+                worker_id=wid,
+                kind="train",
+                modules=[],
+                scores={},
+                adapter_version=version.version,
+                status="refused",
+                reason=why,
+            )
+            for wid, why in refused
+        ]
+        self.store.open_round(
+            job.id,
+            number,
+            state="training",
+            participants=participant_ids,
+            deadline_at=utcnow() + timedelta(seconds=spec.round_deadline_s),
+            tasks=tasks,
+        )
+        log.info(
+            "job %s round %d: %d training tasks",
+            job.id,
+            number,
+            sum(t.status == "offered" for t in tasks),
+        )
+        self._notify()
+
+    # -- training ------------------------------------------------------------------------
+
+    def _training(self, job: Job, spec: JobSpec) -> None:
+        number = job.current_round
+        rnd = self.store.round(job.id, number)
+        assert rnd is not None
+        tasks = self.store.tasks(job.id, number, "train")
+        assigned = [t for t in tasks if t.status in ("offered", "done", "straggler")]
+        offered = [t for t in assigned if t.status == "offered"]
+        done = [t for t in assigned if t.status == "done"]
+        now = utcnow()
+        if offered and now < rnd.deadline_at:
+            return
+        quorum = max(1, math.ceil(spec.quorum * len(assigned)))
+        if offered and len(done) < quorum:
+            grace = rnd.deadline_at + timedelta(seconds=spec.round_deadline_s)
+            if now < grace:
+                return
+            self.store.set_job_state(
+                job.id,
+                "failed",
+                error=f"round {number}: {len(done)} of {len(assigned)} updates by the deadline, "
+                f"quorum is {quorum}",
+            )
+            metrics.ROUNDS.labels(outcome="failed").inc()
+            return
+        if not done:
+            self.store.set_job_state(
+                job.id, "failed", error=f"round {number}: no worker could train any module"
+            )
+            return
+        for t in offered:
+            self.store.set_task_status(t.id, "straggler", "missed the round deadline")
+            metrics.STRAGGLERS.inc()
+        self.store.set_round(
+            job.id, number, state="aggregating", stragglers=[t.worker_id for t in offered]
+        )
+        self.store.set_job_state(job.id, "aggregating")
+        self._aggregating(job, spec)
+
+    # -- aggregation ---------------------------------------------------------------------
+
+    def _aggregating(self, job: Job, spec: JobSpec) -> None:
+        number = job.current_round
+        latest = self.store.latest_version(job.id)
+        assert latest is not None
+        if latest.version >= number:  # committed before a crash: nothing to redo
+            self.store.set_job_state(job.id, "evaluating")
+            return
+        start = time.perf_counter()
+        rnd = self.store.round(job.id, number)
+        assert rnd is not None
+        global_modules = unflatten(decode_tensors(self.blobs.read(latest.sha256)))
+        agg = spec.aggregation
+        aggregator = Aggregator(
+            global_modules,
+            self.store.module_stats(job.id),
+            number,
+            rule=agg.rule,
+            merge=agg.merge,
+            dwa=agg.dwa.config(),
+            ema_decay=agg.ema_decay,
+        )
+        updates = self.store.updates(job.id, number)
+        used, bytes_in, weighted = [], 0, {"before": 0.0, "after": 0.0, "n": 0}
+        for u in updates:
+            try:
+                modules = unflatten(decode_tensors(self.blobs.read(u.sha256)))
+                aggregator.add(ClientUpdate(u.worker_id, u.num_samples, modules))
+            except (UpdateError, ValueError) as e:
+                self.store.record_rejection(
+                    "aggregation", str(e), job_id=job.id, round_number=number, worker_id=u.worker_id
+                )
+                continue
+            used.append(u)
+            bytes_in += u.byte_count
+            weighted["before"] += u.loss_before * u.num_samples
+            weighted["after"] += u.loss_after * u.num_samples
+            weighted["n"] += u.num_samples
+        result = aggregator.result()
+        data, _ = encode_tensors(flatten(result.modules))
+        sha, size = self.blobs.put_bytes(data)
+        seconds = time.perf_counter() - start
+        tasks = self.store.tasks(job.id, number, "train")
+        n = max(1, int(weighted["n"]))
+        round_metrics = {
+            **rnd.metrics,
+            "train_loss_before": weighted["before"] / n,
+            "train_loss_after": weighted["after"] / n,
+            "updates": len(used),
+            "samples": int(weighted["n"]),
+            "bytes_in": bytes_in,
+            "bytes_out": latest.byte_count * sum(t.status in ("done", "straggler") for t in tasks),
+            "aggregate_seconds": seconds,
+            "round_seconds": (utcnow() - rnd.started_at).total_seconds(),
+        }
+        committed = self.store.commit_version(
+            job.id,
+            version=number,
+            round_number=number,
+            sha256=sha,
+            byte_count=size,
+            stats=result.stats,
+            close_round={"state": "closed", "metrics": round_metrics},
+            job_state="evaluating",
+        )
+        if committed:
+            metrics.AGGREGATE_SECONDS.observe(seconds)
+            metrics.ROUND_SECONDS.observe(round_metrics["round_seconds"])
+            metrics.ROUNDS.labels(outcome="closed").inc()
+            log.info(
+                "job %s round %d: aggregated %d updates into version %d",
+                job.id,
+                number,
+                len(used),
+                number,
+            )
+        else:
+            self.store.set_job_state(job.id, "evaluating")
+
+    # -- evaluation and the next round -----------------------------------------------------
+
+    def _evaluating(self, job: Job, spec: JobSpec) -> None:
+        number = job.current_round
+        rnd = self.store.round(job.id, number)
+        assert rnd is not None
+        if self.evaluator is not None and spec.eval_dataset and "eval_accuracy" not in rnd.metrics:
+            version = self.store.version(job.id, number)
+            assert version is not None
+            modules = unflatten(decode_tensors(self.blobs.read(version.sha256)))
+            scores = self.evaluator(spec, modules)
+            self.store.set_round(job.id, number, metrics={**rnd.metrics, **scores})
+            log.info("job %s round %d: %s", job.id, number, scores)
+        if number >= spec.rounds:
+            self.store.set_job_state(job.id, "done")
+            log.info("job %s: done after %d rounds", job.id, number)
+            return
+        self.store.set_job_state(job.id, "waiting")
+        self._waiting(self.store.job(job.id) or job, spec)
+
+
+def unflatten_shapes(shapes: Mapping[str, Any]) -> dict[str, dict[str, list[int]]]:
+    out: dict[str, dict[str, list[int]]] = {}
+    for key, shape in shapes.items():
+        module, _, part = key.rpartition("/")
+        out.setdefault(module, {})[part] = list(shape)
+    return out
+
+
+def _transient(error: Exception) -> bool:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(error, (OperationalError, InterfaceError, OSError))

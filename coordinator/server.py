@@ -1,0 +1,78 @@
+"""The coordinator process: migrate, then serve gRPC, drive rounds, export metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedpilot.coordinator.db.blobs import BlobStore
+from fedpilot.coordinator.db.store import Store, database_url
+from fedpilot.coordinator.rounds import Evaluator, RoundDriver
+from fedpilot.coordinator.service import CoordinatorService
+from fedpilot.coordinator.settings import CoordinatorSettings
+from fedpilot.v1 import coordinator_pb2, coordinator_pb2_grpc
+from fedpilot.wire.payload import MAX_CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+@dataclass
+class RunningCoordinator:
+    store: Store
+    server: grpc.Server
+    port: int
+    driver: RoundDriver
+    stop_event: threading.Event
+    thread: threading.Thread
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.stop_event.set()
+        self.server.stop(grace).wait()
+        self.thread.join(timeout=10)
+        self.store.engine.dispose()
+
+
+def start(
+    settings: CoordinatorSettings, *, evaluator: Evaluator | None = None
+) -> RunningCoordinator:
+    """Migrate the database, then start the gRPC server and the round driver."""
+    url = settings.database_url or database_url(settings.data_dir)
+    store = Store.open(url)
+    blobs = BlobStore(settings.data_dir / "blobs")
+    tasks_ready = threading.Condition()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=64),
+        options=[
+            ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
+            ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
+        ],
+    )
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+        CoordinatorService(store, blobs, settings, tasks_ready), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    driver = RoundDriver(store, blobs, settings, tasks_ready, evaluator)
+    stop_event = threading.Event()
+    thread = threading.Thread(
+        target=driver.run, args=(stop_event,), name="round-driver", daemon=True
+    )
+    thread.start()
+    log.info(
+        "coordinator serving gRPC on %s:%d (database %s)",
+        settings.grpc_host,
+        port,
+        store.engine.url.render_as_string(hide_password=True),
+    )
+    return RunningCoordinator(store, server, port, driver, stop_event, thread)

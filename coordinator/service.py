@@ -1,0 +1,521 @@
+"""The fedpilot.v1 Coordinator service: authentication, validation, then the store.
+
+Each method checks who is calling and whether the request fits the job's
+state before anything is written. A refused request gets a gRPC status whose
+ErrorDetail names the problem, is recorded as a rejection, and changes nothing
+else. Uploads are verified completely (manifest against the assignment and
+the global adapter, sizes, checksum, finiteness) before their blob and row
+are committed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from fedpilot.coordinator.db.blobs import BlobStore
+from fedpilot.coordinator.db.models import Task, Update, Worker
+from fedpilot.coordinator.db.store import AuthError, Store
+from fedpilot.coordinator.jobspec import JobSpec
+from fedpilot.coordinator.metrics import REJECTIONS
+from fedpilot.coordinator.settings import CoordinatorSettings
+from fedpilot.core.aggregation import SEPARATOR
+from fedpilot.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    errors_pb2,
+    profile_pb2,
+    transfer_pb2,
+)
+from fedpilot.wire import MAX_CHUNK_BYTES, PayloadReceiver, WireError, iter_chunks, rich_status
+from fedpilot.wire.payload import decode_tensors, tensor_specs
+from fedpilot.wire.serde import memory_from_proto
+
+log = logging.getLogger(__name__)
+
+_STATES = {
+    coordinator_pb2.WORKER_STATE_IDLE: "idle",
+    coordinator_pb2.WORKER_STATE_PROFILING: "profiling",
+    coordinator_pb2.WORKER_STATE_TRAINING: "training",
+    coordinator_pb2.WORKER_STATE_UPLOADING: "uploading",
+}
+_KINDS = {"profile": coordinator_pb2.TASK_KIND_PROFILE, "train": coordinator_pb2.TASK_KIND_TRAIN}
+
+
+def _error(reason: int, message: str, field: str = "") -> WireError:
+    return WireError(reason, message, field)
+
+
+def job_config(spec: JobSpec) -> coordinator_pb2.JobConfig:
+    return coordinator_pb2.JobConfig(
+        model=spec.model,
+        task=spec.task,
+        num_labels=spec.num_labels,
+        lora_rank=spec.lora.rank,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
+        batch_size=spec.batch_size,
+        max_seq_len=spec.max_seq_len,
+        dtype=spec.dtype,
+        learning_rate=spec.learning_rate,
+        weight_decay=spec.weight_decay,
+        local_steps=spec.local_steps,
+        local_epochs=spec.local_epochs,
+        ig_probe_batches=spec.ig_probe_batches,
+        seed=spec.seed,
+        dataset=spec.dataset,
+        label_names=spec.labels,
+    )
+
+
+def profile_row(msg: profile_pb2.MemoryProfile) -> dict[str, Any]:
+    """Validate a reported profile and turn it into the stored form."""
+    try:
+        memory = memory_from_proto(msg)
+    except ValueError as e:
+        raise _error(errors_pb2.ERROR_REASON_MALFORMED, f"invalid profile: {e}", "profile") from e
+    names = set(memory.module_names)
+    tensors: dict[str, list[int]] = {}
+    for t in msg.tensors:
+        module, sep, _ = t.name.rpartition(SEPARATOR)
+        if not sep or module not in names:
+            raise _error(
+                errors_pb2.ERROR_REASON_MALFORMED,
+                f"profile tensor {t.name!r} does not belong to a profiled module",
+                "profile.tensors",
+            )
+        tensors[t.name] = list(t.shape)
+    missing = names - {n.rpartition(SEPARATOR)[0] for n in tensors}
+    if missing:
+        raise _error(
+            errors_pb2.ERROR_REASON_MALFORMED,
+            f"profile lists no tensors for modules {sorted(missing)[:5]}",
+            "profile.tensors",
+        )
+    return {
+        "memory": {
+            "base_bytes": memory.base_bytes,
+            "layer_activation_bytes": list(memory.layer_activation_bytes),
+            "modules": [
+                {
+                    "name": m.name,
+                    "layer": m.layer,
+                    "param_bytes": m.param_bytes,
+                    "extra_bytes": m.extra_bytes,
+                }
+                for m in memory.modules
+            ],
+        },
+        "tensors": tensors,
+        "budget_bytes": msg.budget_bytes,
+        "method": profile_pb2.ProfileMethod.Name(msg.method),
+        "device": msg.device,
+    }
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    """Thin transport: every method authenticates, validates and delegates to the store."""
+
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        settings: CoordinatorSettings,
+        tasks_ready: threading.Condition,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.settings = settings
+        self.tasks_ready = tasks_ready
+        self._shape_cache: dict[str, dict[str, list[int]]] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _reject(
+        self,
+        context: grpc.ServicerContext,
+        error: WireError,
+        *,
+        job_id: str | None = None,
+        round_number: int | None = None,
+        worker_id: str | None = None,
+    ) -> Any:
+        REJECTIONS.labels(reason=error.reason_name).inc()
+        try:
+            self.store.record_rejection(
+                error.reason_name,
+                error.message,
+                job_id=job_id,
+                round_number=round_number,
+                worker_id=worker_id,
+            )
+        except Exception:  # the caller must still get its answer
+            log.exception("could not record a rejection")
+        log.info("rejected %s: %s", error.reason_name, error.message)
+        context.abort_with_status(rich_status(error))
+
+    def _worker(self, context: grpc.ServicerContext, worker_id: str) -> Worker:
+        token = ""
+        for key, value in context.invocation_metadata():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                token = value[len("Bearer ") :]
+        try:
+            return self.store.authenticate(worker_id, token)
+        except AuthError:
+            self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_BAD_TOKEN,
+                    "unknown worker or bad token",
+                    "authorization",
+                ),
+                worker_id=None,
+            )
+            raise  # unreachable: abort raises
+
+    def _own_task(self, context: grpc.ServicerContext, worker: Worker, task_id: str) -> Task:
+        task = self.store.task(task_id)
+        if task is None or task.worker_id != worker.id:
+            self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_NOT_ASSIGNED,
+                    f"task {task_id!r} is not assigned to this worker",
+                    "task_id",
+                ),
+                worker_id=worker.id,
+            )
+        assert task is not None
+        return task
+
+    def _shapes(self, job_id: str) -> dict[str, list[int]]:
+        """Tensor shapes of the job's global adapter (fixed for the job's lifetime)."""
+        shapes = self._shape_cache.get(job_id)
+        if shapes is None:
+            version = self.store.latest_version(job_id)
+            if version is None:
+                raise _error(
+                    errors_pb2.ERROR_REASON_UNKNOWN_ADAPTER_VERSION,
+                    f"job {job_id!r} has no global adapter yet",
+                    "job_id",
+                )
+            tensors = decode_tensors(self.blobs.read(version.sha256))
+            shapes = {k: list(v.shape) for k, v in tensors.items()}
+            self._shape_cache[job_id] = shapes
+        return shapes
+
+    # -- RPCs --------------------------------------------------------------------------------
+
+    def Register(
+        self, request: coordinator_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RegisterResponse:
+        secret = self.settings.enrollment_secret.get_secret_value()
+        if secret and not hmac.compare_digest(secret, request.enrollment_secret):
+            self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_ENROLLMENT_REFUSED,
+                    "enrollment secret refused",
+                    "enrollment_secret",
+                ),
+            )
+        if not request.name or len(request.name) > 200:
+            self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_MALFORMED, "name must have 1 to 200 characters", "name"
+                ),
+            )
+        device = {
+            "kind": request.device.kind,
+            "name": request.device.name,
+            "total_memory_bytes": request.device.total_memory_bytes,
+        }
+        worker_id, token = self.store.register_worker(
+            request.name, dict(request.labels), device, request.budget_bytes
+        )
+        log.info("registered worker %s (%s)", request.name, worker_id)
+        return coordinator_pb2.RegisterResponse(
+            worker_id=worker_id,
+            token=token,
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+        )
+
+    def Heartbeat(
+        self, request: coordinator_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.HeartbeatResponse:
+        worker = self._worker(context, request.worker_id)
+        self.store.heartbeat(worker.id, _STATES.get(request.state, "idle"), request.task_id)
+        abandon = False
+        if request.task_id:
+            task = self.store.task(request.task_id)
+            abandon = task is None or task.worker_id != worker.id or task.status != "offered"
+        return coordinator_pb2.HeartbeatResponse(
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms, abandon_task=abandon
+        )
+
+    def ReportProfile(
+        self, request: coordinator_pb2.ReportProfileRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ReportProfileResponse:
+        worker = self._worker(context, request.worker_id)
+        task = self._own_task(context, worker, request.task_id)
+        if task.kind != "profile" or task.job_id != request.job_id or task.status != "offered":
+            self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_NOT_ASSIGNED,
+                    "no open profile task for this job",
+                    "task_id",
+                ),
+                job_id=request.job_id,
+                worker_id=worker.id,
+            )
+        try:
+            row = profile_row(request.profile)
+        except WireError as e:
+            self._reject(
+                context, e, job_id=task.job_id, round_number=task.round, worker_id=worker.id
+            )
+        self.store.finish_profile_task(task.id, task.job_id, worker.id, row)
+        return coordinator_pb2.ReportProfileResponse()
+
+    def PollTask(
+        self, request: coordinator_pb2.PollTaskRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.PollTaskResponse:
+        worker = self._worker(context, request.worker_id)
+        self.store.heartbeat(worker.id, "idle", None)
+        deadline = time.monotonic() + min(request.wait_ms, self.settings.max_poll_wait_ms) / 1000
+        while True:
+            task = self.store.offered_task(worker.id)
+            if task is not None:
+                return coordinator_pb2.PollTaskResponse(task=self._task_message(task))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not context.is_active():
+                return coordinator_pb2.PollTaskResponse()
+            with self.tasks_ready:
+                self.tasks_ready.wait(timeout=min(remaining, 1.0))
+
+    def _task_message(self, task: Task) -> coordinator_pb2.Task:
+        job = self.store.job(task.job_id)
+        assert job is not None
+        spec = JobSpec.model_validate(job.spec)
+        rnd = self.store.round(task.job_id, task.round)
+        deadline_ms = int(rnd.deadline_at.timestamp() * 1000) if rnd and rnd.deadline_at else 0
+        return coordinator_pb2.Task(
+            task_id=task.id,
+            job_id=task.job_id,
+            round=task.round,
+            kind=_KINDS[task.kind],
+            config=job_config(spec),
+            modules=task.modules,
+            adapter_version=task.adapter_version,
+            predicted_peak_bytes=task.predicted_bytes,
+            deadline_unix_ms=deadline_ms,
+        )
+
+    def RefuseTask(
+        self, request: coordinator_pb2.RefuseTaskRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RefuseTaskResponse:
+        worker = self._worker(context, request.worker_id)
+        task = self._own_task(context, worker, request.task_id)
+        reason = errors_pb2.ErrorReason.Name(request.reason.reason)
+        message = request.reason.message[:2000]
+        if task.status == "offered":
+            self.store.set_task_status(task.id, "refused", f"{reason}: {message}")
+            self.store.record_rejection(
+                f"refused:{reason}",
+                message,
+                job_id=task.job_id,
+                round_number=task.round,
+                worker_id=worker.id,
+            )
+        return coordinator_pb2.RefuseTaskResponse()
+
+    def DownloadAdapter(
+        self, request: coordinator_pb2.DownloadAdapterRequest, context: grpc.ServicerContext
+    ) -> Iterator[transfer_pb2.AdapterChunk]:
+        worker = self._worker(context, request.worker_id)
+        version = self.store.version(request.job_id, request.version)
+        job = self.store.job(request.job_id)
+        if version is None or job is None:
+            self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_UNKNOWN_ADAPTER_VERSION,
+                    f"job {request.job_id!r} has no adapter version {request.version}",
+                    "version",
+                ),
+                job_id=request.job_id,
+                worker_id=worker.id,
+            )
+        assert version is not None and job is not None
+        spec = JobSpec.model_validate(job.spec)
+        data = self.blobs.read(version.sha256)
+        yield transfer_pb2.AdapterChunk(
+            manifest=transfer_pb2.AdapterManifest(
+                job_id=job.id,
+                version=version.version,
+                payload=_manifest_of(data, version.sha256),
+                lora_rank=spec.lora.rank,
+                lora_alpha=spec.lora.alpha,
+                target_modules=spec.lora.target_modules,
+            )
+        )
+        for chunk in iter_chunks(data, MAX_CHUNK_BYTES):
+            yield transfer_pb2.AdapterChunk(data=chunk)
+
+    def UploadUpdate(
+        self,
+        request_iterator: Iterator[transfer_pb2.UploadUpdateRequest],
+        context: grpc.ServicerContext,
+    ) -> coordinator_pb2.UploadUpdateResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "manifest":
+            self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_MALFORMED,
+                    "an upload must start with its manifest",
+                    "manifest",
+                ),
+            )
+        assert first is not None
+        m = first.manifest
+        worker = self._worker(context, m.worker_id)
+        where = {"job_id": m.job_id or None, "round_number": m.round, "worker_id": worker.id}
+        try:
+            task = self._upload_task(worker, m)
+            existing = [
+                u for u in self.store.updates(task.job_id, task.round) if u.worker_id == worker.id
+            ]
+            if existing:
+                # Idempotent: a retried upload of a stored update counts once.
+                for _ in request_iterator:
+                    pass
+                return coordinator_pb2.UploadUpdateResponse(
+                    update_id=str(existing[0].id), duplicate=True
+                )
+            self._check_manifest(task, m)
+            receiver = PayloadReceiver(m.payload, max_total_bytes=self.settings.max_upload_bytes)
+            for msg in request_iterator:
+                if msg.WhichOneof("kind") != "data":
+                    raise _error(
+                        errors_pb2.ERROR_REASON_MALFORMED,
+                        "a second manifest inside an upload",
+                        "manifest",
+                    )
+                receiver.feed(msg.data)
+            receiver.finish()  # size, sha256, names, shapes, dtypes, finiteness
+            sha, size = self.blobs.put_bytes(receiver.data)
+            record = self.store.record_update(
+                Update(
+                    job_id=task.job_id,
+                    round=task.round,
+                    worker_id=worker.id,
+                    task_id=task.id,
+                    sha256=sha,
+                    byte_count=size,
+                    num_samples=m.num_samples,
+                    loss_before=m.train_loss_before,
+                    loss_after=m.train_loss_after,
+                    local_scores=dict(m.local_scores),
+                    predicted_bytes=m.predicted_peak_bytes,
+                    measured_peak_bytes=m.measured_peak_bytes,
+                    train_seconds=m.train_seconds,
+                )
+            )
+        except WireError as e:
+            return self._reject(context, e, **where)
+        with self.tasks_ready:
+            self.tasks_ready.notify_all()
+        return coordinator_pb2.UploadUpdateResponse(
+            update_id=str(record.update_id), duplicate=record.duplicate
+        )
+
+    def _upload_task(self, worker: Worker, m: transfer_pb2.UpdateManifest) -> Task:
+        task = self.store.task(m.task_id)
+        if task is None or task.worker_id != worker.id or task.kind != "train":
+            raise _error(
+                errors_pb2.ERROR_REASON_NOT_ASSIGNED,
+                f"task {m.task_id!r} is not a training task of this worker",
+                "task_id",
+            )
+        if task.job_id != m.job_id or task.round != m.round:
+            raise _error(
+                errors_pb2.ERROR_REASON_WRONG_ROUND,
+                f"task {task.id} belongs to job {task.job_id} round {task.round}, "
+                f"not job {m.job_id} round {m.round}",
+                "round",
+            )
+        rnd = self.store.round(task.job_id, task.round)
+        if rnd is None or rnd.closed_at is not None or rnd.state != "training":
+            raise _error(
+                errors_pb2.ERROR_REASON_ROUND_CLOSED,
+                f"round {task.round} of job {task.job_id} no longer takes uploads",
+                "round",
+            )
+        if task.status not in ("offered", "done"):
+            raise _error(
+                errors_pb2.ERROR_REASON_ROUND_CLOSED, f"task {task.id} is {task.status}", "task_id"
+            )
+        if m.num_samples <= 0:
+            raise _error(
+                errors_pb2.ERROR_REASON_MALFORMED, "num_samples must be > 0", "num_samples"
+            )
+        return task
+
+    def _check_manifest(self, task: Task, m: transfer_pb2.UpdateManifest) -> None:
+        """The declared tensors are exactly the assigned modules' tensors, shaped as globally."""
+        shapes = self._shapes(task.job_id)
+        assigned = set(task.modules)
+        expected = {k: v for k, v in shapes.items() if k.rpartition(SEPARATOR)[0] in assigned}
+        declared = {t.name: t for t in m.payload.tensors}
+        for name in declared:
+            module = name.rpartition(SEPARATOR)[0]
+            if name not in shapes:
+                raise _error(
+                    errors_pb2.ERROR_REASON_UNKNOWN_TENSOR,
+                    f"{name!r} is not a tensor of the global adapter",
+                    name,
+                )
+            if module not in assigned:
+                raise _error(
+                    errors_pb2.ERROR_REASON_MODULE_NOT_ASSIGNED,
+                    f"module {module!r} was not assigned to this worker",
+                    name,
+                )
+        missing = sorted(set(expected) - set(declared))
+        if missing:
+            raise _error(
+                errors_pb2.ERROR_REASON_UNKNOWN_TENSOR,
+                f"assigned tensors missing from the upload: {missing[:5]}",
+                "manifest.tensors",
+            )
+        for name, spec in declared.items():
+            if list(spec.shape) != list(expected[name]):
+                raise _error(
+                    errors_pb2.ERROR_REASON_SHAPE_MISMATCH,
+                    f"{name!r} has shape {list(spec.shape)}, the global adapter "
+                    f"{list(expected[name])}",
+                    name,
+                )
+            if spec.dtype != transfer_pb2.DTYPE_F32:
+                raise _error(
+                    errors_pb2.ERROR_REASON_DTYPE_MISMATCH,
+                    f"{name!r} must be float32, got {transfer_pb2.DType.Name(spec.dtype)}",
+                    name,
+                )
+
+
+def _manifest_of(data: bytes, sha256: str) -> transfer_pb2.PayloadManifest:
+
+    return transfer_pb2.PayloadManifest(
+        tensors=tensor_specs(decode_tensors(data)), total_bytes=len(data), sha256=sha256
+    )

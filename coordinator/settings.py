@@ -1,0 +1,26 @@
+"""Coordinator settings: flags, or ``FEDPILOT_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDPILOT_", extra="ignore")
+
+    data_dir: Path = Path("./data/coordinator")
+    database_url: str = Field(
+        "", description="postgresql+psycopg://... ; empty = SQLite file in data_dir."
+    )
+    grpc_host: str = "127.0.0.1"
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 50051
+    heartbeat_interval_ms: Annotated[int, Field(ge=100, le=600_000)] = 2_000
+    heartbeat_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    enrollment_secret: SecretStr = SecretStr("")
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 1 << 30
+    max_poll_wait_ms: Annotated[int, Field(ge=0, le=120_000)] = 20_000
+    tick_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5

@@ -1,0 +1,119 @@
+"""`fedpilot coordinator`, `fedpilot worker` and `fedpilot db`: the long-running services."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+
+
+def coordinator(
+    data_dir: Annotated[Path, typer.Option(help="Blobs and the embedded SQLite database.")] = Path(
+        "./data/coordinator"
+    ),
+    database_url: Annotated[
+        str, typer.Option(envvar="FEDPILOT_DATABASE_URL", help="PostgreSQL URL; empty = SQLite.")
+    ] = "",
+    host: Annotated[str, typer.Option(help="gRPC bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port (0 = any free port).")] = 50051,
+    job: Annotated[Path | None, typer.Option(help="Submit this job spec (JSON) at start.")] = None,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate rounds on the job's eval set.")] = True,
+    port_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run the coordinator: migrate the database, serve gRPC, drive rounds."""
+    from fedpilot.coordinator.jobspec import JobSpec
+    from fedpilot.coordinator.server import start
+    from fedpilot.coordinator.settings import CoordinatorSettings
+
+    _logging(log_level)
+    settings = CoordinatorSettings(
+        data_dir=data_dir, database_url=database_url, grpc_host=host, grpc_port=port
+    )
+    evaluator = None
+    if evaluate:
+        from fedpilot.coordinator.evaluation import HeldOutEvaluator
+
+        evaluator = HeldOutEvaluator()
+    running = start(settings, evaluator=evaluator)
+    if job is not None:
+        spec = JobSpec.model_validate(json.loads(job.read_text()))
+        job_id = running.store.create_job(spec.name, spec.model_dump(mode="json"))
+        logging.getLogger("fedpilot").info("submitted job %s (%s)", job_id, spec.name)
+    if port_file is not None:
+        port_file.write_text(str(running.port))
+    _wait_for_signal()
+    running.stop()
+
+
+def worker(
+    data: Annotated[Path, typer.Option(help="This worker's training data (CSV: text,label).")],
+    coordinator: Annotated[str, typer.Option(help="Coordinator gRPC address.")] = "127.0.0.1:50051",
+    name: Annotated[str, typer.Option(help="Display name.")] = "worker",
+    memory_budget: Annotated[
+        str, typer.Option(help="e.g. 6GiB; required on CPU, may only lower the CUDA budget.")
+    ] = "",
+    safety_margin: Annotated[str, typer.Option(help="Kept free on CUDA.")] = "512MiB",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable.")] = None,
+    enrollment_secret: Annotated[str, typer.Option(envvar="FEDPILOT_ENROLLMENT_SECRET")] = "",
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run a worker: register, then profile and train what the coordinator assigns."""
+    from fedpilot.worker.service import WorkerService, WorkerSettings, parse_bytes
+
+    _logging(log_level)
+    labels = dict(item.split("=", 1) for item in (label or []) if "=" in item)
+    try:
+        settings = WorkerSettings(
+            coordinator=coordinator,
+            name=name,
+            data=data,
+            memory_budget=parse_bytes(memory_budget) if memory_budget else None,
+            safety_margin=parse_bytes(safety_margin),
+            device=device,
+            labels=labels,
+            enrollment_secret=enrollment_secret,
+        )
+        service = WorkerService(settings)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.stop.set())
+    service.run()
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    database_url: Annotated[str, typer.Option(envvar="FEDPILOT_DATABASE_URL")] = "",
+    data_dir: Annotated[Path, typer.Option()] = Path("./data/coordinator"),
+) -> None:
+    """Apply all schema migrations."""
+    from fedpilot.coordinator.db import migrate
+    from fedpilot.coordinator.db.store import database_url as default_url
+    from fedpilot.coordinator.db.store import make_engine
+
+    engine = make_engine(database_url or default_url(data_dir))
+    migrate.upgrade(engine)
+    typer.echo(f"database at revision {migrate.current_revision(engine)}")

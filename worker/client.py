@@ -1,0 +1,177 @@
+"""Typed client of the coordinator's fedpilot.v1 service.
+
+One method per RPC; tensors go through :mod:`fedpilot.wire` so the worker
+checks a downloaded adapter exactly as the coordinator checks an upload.
+Retries and reconnection are the caller's policy (:mod:`fedpilot.worker.service`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from fedpilot.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    errors_pb2,
+    profile_pb2,
+    transfer_pb2,
+)
+from fedpilot.wire import PayloadReceiver, WireError, encode_tensors, iter_chunks
+
+# Large enough for one chunk plus framing; bounded so a hostile peer cannot
+# make us buffer arbitrary messages.
+_MESSAGE_LIMIT = 4 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", _MESSAGE_LIMIT),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+@dataclass(frozen=True)
+class Registration:
+    worker_id: str
+    token: str
+    heartbeat_interval_ms: int
+
+
+class CoordinatorClient:
+    """Calls on one channel; the token, once known, travels as call metadata."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        )
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        self._timeout = timeout_s
+        self.worker_id = ""
+        self._token = ""
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def authenticate(self, worker_id: str, token: str) -> None:
+        self.worker_id, self._token = worker_id, token
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token}"),) if self._token else ()
+
+    def register(
+        self,
+        name: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        device: coordinator_pb2.DeviceInfo | None = None,
+        budget_bytes: int = 0,
+        enrollment_secret: str = "",
+    ) -> Registration:
+        reply = self._stub.Register(
+            coordinator_pb2.RegisterRequest(
+                name=name,
+                labels=dict(labels or {}),
+                device=device,
+                budget_bytes=budget_bytes,
+                enrollment_secret=enrollment_secret,
+            ),
+            timeout=self._timeout,
+        )
+        self.authenticate(reply.worker_id, reply.token)
+        return Registration(reply.worker_id, reply.token, reply.heartbeat_interval_ms)
+
+    def heartbeat(
+        self, state: int = coordinator_pb2.WORKER_STATE_IDLE, task_id: str = ""
+    ) -> coordinator_pb2.HeartbeatResponse:
+        return self._stub.Heartbeat(
+            coordinator_pb2.HeartbeatRequest(
+                worker_id=self.worker_id,
+                state=state,  # type: ignore[arg-type]
+                task_id=task_id,
+            ),
+            metadata=self._metadata(),
+            timeout=self._timeout,
+        )
+
+    def report_profile(self, job_id: str, task_id: str, profile: profile_pb2.MemoryProfile) -> None:
+        self._stub.ReportProfile(
+            coordinator_pb2.ReportProfileRequest(
+                worker_id=self.worker_id, job_id=job_id, task_id=task_id, profile=profile
+            ),
+            metadata=self._metadata(),
+            timeout=self._timeout,
+        )
+
+    def poll_task(self, wait_ms: int) -> coordinator_pb2.Task | None:
+        reply = self._stub.PollTask(
+            coordinator_pb2.PollTaskRequest(worker_id=self.worker_id, wait_ms=wait_ms),
+            metadata=self._metadata(),
+            timeout=self._timeout + wait_ms / 1000,
+        )
+        return reply.task if reply.HasField("task") else None
+
+    def refuse_task(self, task_id: str, error: WireError) -> None:
+        self._stub.RefuseTask(
+            coordinator_pb2.RefuseTaskRequest(
+                worker_id=self.worker_id, task_id=task_id, reason=error.detail()
+            ),
+            metadata=self._metadata(),
+            timeout=self._timeout,
+        )
+
+    def download_adapter(
+        self, job_id: str, version: int, *, max_bytes: int = 1 << 30
+    ) -> tuple[transfer_pb2.AdapterManifest, dict[str, np.ndarray]]:
+        """The global adapter, verified against its manifest (size, sha256, tensors)."""
+        stream = self._stub.DownloadAdapter(
+            coordinator_pb2.DownloadAdapterRequest(
+                worker_id=self.worker_id, job_id=job_id, version=version
+            ),
+            metadata=self._metadata(),
+            timeout=self._timeout * 10,
+        )
+        first = next(stream, None)
+        if first is None or first.WhichOneof("kind") != "manifest":
+            raise WireError(
+                errors_pb2.ERROR_REASON_MALFORMED,
+                "adapter download did not start with a manifest",
+                "manifest",
+            )
+        receiver = PayloadReceiver(first.manifest.payload, max_total_bytes=max_bytes)
+        for msg in stream:
+            if msg.WhichOneof("kind") != "data":
+                raise WireError(
+                    errors_pb2.ERROR_REASON_MALFORMED, "second manifest in a download", "manifest"
+                )
+            receiver.feed(msg.data)
+        return first.manifest, receiver.finish()
+
+    def upload_update(
+        self, manifest: transfer_pb2.UpdateManifest, tensors: Mapping[str, np.ndarray]
+    ) -> coordinator_pb2.UploadUpdateResponse:
+        """Send ``tensors`` after ``manifest`` (its payload section is filled in here)."""
+        data, payload = encode_tensors(tensors)
+        full = transfer_pb2.UpdateManifest()
+        full.CopyFrom(manifest)
+        full.worker_id = self.worker_id
+        full.payload.CopyFrom(payload)
+
+        def messages() -> Iterator[transfer_pb2.UploadUpdateRequest]:
+            yield transfer_pb2.UploadUpdateRequest(manifest=full)
+            for chunk in iter_chunks(data):
+                yield transfer_pb2.UploadUpdateRequest(data=chunk)
+
+        return self._stub.UploadUpdate(
+            messages(), metadata=self._metadata(), timeout=self._timeout * 10
+        )

@@ -1,0 +1,330 @@
+"""The worker process: register, heartbeat, take tasks, profile, train, upload.
+
+Network failures are expected: every call to the coordinator is retried with
+exponential backoff and jitter while the coordinator is unreachable, and a
+worker whose identity the coordinator no longer knows registers again. SIGTERM
+stops the loop after the current call; an unfinished task is simply not
+uploaded (the coordinator treats the worker as a straggler).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from fedpilot.core.aggregation import flatten, unflatten
+from fedpilot.v1 import coordinator_pb2, errors_pb2, profile_pb2, transfer_pb2
+from fedpilot.wire import WireError, error_detail_from_rpc_error
+from fedpilot.wire.payload import tensor_specs
+from fedpilot.wire.serde import memory_to_proto
+from fedpilot.worker.client import CoordinatorClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``6GiB``, ``512MiB``, ``2GB`` or a plain byte count."""
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "b": 1,
+    }
+    t = text.strip().lower().replace(" ", "")
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    return int(t)
+
+
+def resolve_budget(device: str, explicit: int | None, safety_margin: int) -> int:
+    """CUDA: free memory minus the margin, lowered by an explicit budget; CPU: explicit only."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = max(0, int(free) - safety_margin)
+        return min(budget, explicit) if explicit is not None else budget
+    if explicit is None:
+        raise ValueError("on CPU a memory budget is required (--memory-budget, e.g. 2GiB)")
+    return explicit
+
+
+@dataclass
+class WorkerSettings:
+    coordinator: str
+    name: str
+    data: Path
+    memory_budget: int | None = None
+    safety_margin: int = 512 * 2**20
+    device: str = "cpu"
+    labels: dict[str, str] = field(default_factory=dict)
+    enrollment_secret: str = ""
+    poll_wait_ms: int = 5_000
+    max_backoff_s: float = 30.0
+    probe_examples: int = 16
+
+
+class WorkerService:
+    def __init__(self, settings: WorkerSettings, client: CoordinatorClient | None = None) -> None:
+        self.settings = settings
+        self.budget = resolve_budget(
+            settings.device, settings.memory_budget, settings.safety_margin
+        )
+        self.client = client or CoordinatorClient(settings.coordinator)
+        self.stop = threading.Event()
+        self.state = coordinator_pb2.WORKER_STATE_IDLE
+        self.task_id = ""
+        self.abandon = threading.Event()
+        self._models: dict[str, Any] = {}
+        self._data: dict[str, Any] = {}
+
+    # -- resilience ------------------------------------------------------------------------
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying while the coordinator is unreachable; re-register if forgotten."""
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    log.warning("coordinator does not know this worker: registering again")
+                    self.register()
+                    continue
+                if code not in _RETRYABLE or self.stop.is_set():
+                    raise
+                log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+                if self.stop.wait(delay * random.uniform(0.5, 1.0)):
+                    raise
+                delay = min(delay * 2, self.settings.max_backoff_s)
+
+    def register(self) -> None:
+        device = coordinator_pb2.DeviceInfo(
+            kind="cuda" if "cuda" in self.settings.device else "cpu", name=self.settings.device
+        )
+        delay = 0.5
+        while True:
+            try:
+                reg = self.client.register(
+                    self.settings.name,
+                    labels=self.settings.labels,
+                    device=device,
+                    budget_bytes=self.budget,
+                    enrollment_secret=self.settings.enrollment_secret,
+                )
+                self.heartbeat_s = reg.heartbeat_interval_ms / 1000
+                log.info("registered as %s with budget %d bytes", reg.worker_id, self.budget)
+                return
+            except grpc.RpcError as e:
+                if e.code() not in _RETRYABLE or self.stop.is_set():  # type: ignore[attr-defined]
+                    raise
+                if self.stop.wait(delay):
+                    raise
+                delay = min(delay * 2, self.settings.max_backoff_s)
+
+    def _heartbeats(self) -> None:
+        while not self.stop.wait(getattr(self, "heartbeat_s", 2.0)):
+            try:
+                reply = self.client.heartbeat(self.state, self.task_id)
+                if reply.abandon_task and self.task_id:
+                    self.abandon.set()
+            except grpc.RpcError as e:
+                log.debug("heartbeat failed: %s", e.code())  # type: ignore[attr-defined]
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.register()
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        while not self.stop.is_set():
+            try:
+                task = self.call(lambda: self.client.poll_task(self.settings.poll_wait_ms))
+            except grpc.RpcError:
+                if self.stop.is_set():
+                    break
+                raise
+            if task is None:
+                continue
+            self.task_id, self.abandon = task.task_id, threading.Event()
+            try:
+                if task.kind == coordinator_pb2.TASK_KIND_PROFILE:
+                    self._profile(task)
+                elif task.kind == coordinator_pb2.TASK_KIND_TRAIN:
+                    self._train(task)
+            except WireError as e:
+                log.warning("refusing task %s: %s", task.task_id, e.message)
+                self.call(lambda t=task.task_id, e=e: self.client.refuse_task(t, e))
+            finally:
+                self.task_id, self.state = "", coordinator_pb2.WORKER_STATE_IDLE
+        self.client.close()
+        log.info("worker stopped")
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    def _model(self, config: coordinator_pb2.JobConfig) -> Any:
+        from fedpilot.worker.model import ModelSpec, load_model
+
+        spec = ModelSpec(
+            model_path=config.model or None,
+            num_labels=config.num_labels,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=tuple(config.target_modules),
+            dtype=config.dtype or "float32",
+            max_seq_len=config.max_seq_len,
+            batch_size=config.batch_size,
+        )
+        key = repr(spec)
+        if key not in self._models:
+            try:
+                self._models = {
+                    key: (spec, load_model(spec, device=self.settings.device, seed=config.seed))
+                }
+            except (OSError, ValueError) as e:
+                raise WireError(
+                    errors_pb2.ERROR_REASON_MODEL_UNAVAILABLE,
+                    f"cannot load model {config.model or 'default'}: {e}",
+                    "config.model",
+                ) from e
+        return self._models[key]
+
+    def _batches(self, config: coordinator_pb2.JobConfig, tokenizer_spec: Any) -> list[Any]:
+        from fedpilot.worker.data import load_csv, make_batches
+        from fedpilot.worker.model import load_tokenizer
+
+        key = (config.batch_size, config.max_seq_len, tuple(config.label_names))
+        if key not in self._data:
+            data = load_csv(self.settings.data, label_names=list(config.label_names) or None)
+            self._data = {
+                key: make_batches(
+                    data,
+                    load_tokenizer(tokenizer_spec),
+                    batch_size=config.batch_size,
+                    max_seq_len=config.max_seq_len,
+                )
+            }
+        return self._data[key]
+
+    def _profile(self, task: coordinator_pb2.Task) -> None:
+        from fedpilot.worker.model import get_module_state
+        from fedpilot.worker.profiling import dummy_batch, profile_memory
+
+        self.state = coordinator_pb2.WORKER_STATE_PROFILING
+        spec, model = self._model(task.config)
+        memory = profile_memory(model, dummy_batch(model, spec.batch_size, spec.max_seq_len))
+        shapes = tensor_specs(flatten(get_module_state(model)))
+        method = (
+            profile_pb2.PROFILE_METHOD_CUDA_PEAK
+            if "cuda" in self.settings.device
+            else profile_pb2.PROFILE_METHOD_SAVED_TENSORS
+        )
+        message = memory_to_proto(
+            memory, self.budget, method=method, device=self.settings.device, tensors=shapes
+        )
+        self.call(lambda: self.client.report_profile(task.job_id, task.task_id, message))
+        log.info(
+            "profiled job %s: M0=%d bytes, full cost %d bytes, budget %d",
+            task.job_id,
+            memory.base_bytes,
+            memory.full_cost(),
+            self.budget,
+        )
+
+    def _train(self, task: coordinator_pb2.Task) -> None:
+        from fedpilot.worker.model import get_module_state, load_module_state
+        from fedpilot.worker.scoring import local_ig_scores
+        from fedpilot.worker.training import train
+
+        if task.predicted_peak_bytes > self.budget:
+            raise WireError(
+                errors_pb2.ERROR_REASON_BUDGET_EXCEEDED,
+                f"assignment needs {task.predicted_peak_bytes} bytes, budget is {self.budget}",
+                "predicted_peak_bytes",
+            )
+        self.state = coordinator_pb2.WORKER_STATE_TRAINING
+        config = task.config
+        spec, model = self._model(config)
+        _, tensors = self.call(
+            lambda: self.client.download_adapter(task.job_id, task.adapter_version)
+        )
+        load_module_state(model, unflatten(tensors))
+        batches = self._batches(config, spec)
+        scores: Mapping[str, float] = {}
+        if config.ig_probe_batches:
+            scores = local_ig_scores(
+                model, batches[: config.ig_probe_batches], max_examples=self.settings.probe_examples
+            )
+        result = train(
+            model,
+            list(task.modules),
+            batches,
+            steps=config.local_steps if not config.local_epochs else None,
+            epochs=max(1, config.local_epochs),
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            seed=int(config.seed) + int(task.round),
+        )
+        if self.abandon.is_set() or self.stop.is_set():
+            log.info("task %s abandoned; not uploading", task.task_id)
+            return
+        if result.peak_bytes > self.budget:
+            log.warning(
+                "measured peak %d exceeded the budget %d (predicted %d)",
+                result.peak_bytes,
+                self.budget,
+                task.predicted_peak_bytes,
+            )
+        self.state = coordinator_pb2.WORKER_STATE_UPLOADING
+        manifest = transfer_pb2.UpdateManifest(
+            job_id=task.job_id,
+            round=task.round,
+            task_id=task.task_id,
+            base_version=task.adapter_version,
+            num_samples=result.num_samples,
+            train_loss_before=result.loss_before,
+            train_loss_after=result.loss_after,
+            local_scores=dict(scores),
+            predicted_peak_bytes=task.predicted_peak_bytes,
+            measured_peak_bytes=result.peak_bytes,
+            train_seconds=result.seconds,
+        )
+        update = flatten(get_module_state(model, list(task.modules)))
+        try:
+            reply = self.call(lambda: self.client.upload_update(manifest, update))
+        except grpc.RpcError as e:
+            detail = error_detail_from_rpc_error(e)
+            log.warning("upload refused: %s", detail.message if detail else e)
+            return
+        log.info(
+            "round %d: trained %d modules, loss %.4f -> %.4f, uploaded%s",
+            task.round,
+            len(task.modules),
+            result.loss_before,
+            result.loss_after,
+            " (duplicate)" if reply.duplicate else "",
+        )
