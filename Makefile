@@ -22,9 +22,7 @@ test: install
 	$(BIN)/python -m pytest
 
 demo: install
-	$(BIN)/fedpilot plan examples/plan.json
-	$(BIN)/fedpilot bench solver
-	$(BIN)/fedpilot bench aggregate
+	$(BIN)/fedpilot demo
 
 quality: install
 	$(BIN)/ruff check .

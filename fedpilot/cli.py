@@ -115,6 +115,47 @@ def profile(
     )
 
 
+@app.command()
+def demo(
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 4,
+    rounds: Annotated[int, typer.Option(min=1)] = 8,
+    strategy: Annotated[str, typer.Option(help="fedpilot, random, top-down, uniform, full.")] = (
+        "fedpilot"
+    ),
+    dataset: Annotated[
+        Path | None, typer.Option(help="Folder with train.csv and test.csv (text, label).")
+    ] = None,
+    classes: Annotated[int, typer.Option(min=2, help="Intents used.")] = 20,
+    per_class: Annotated[int, typer.Option(min=1, help="Training queries per intent.")] = 60,
+    alpha: Annotated[float, typer.Option(help="Dirichlet label skew (smaller = more skew).")] = 0.5,
+    local_steps: Annotated[int, typer.Option(min=1)] = 12,
+    out: Annotated[Path, typer.Option(help="Work directory (data, logs, adapter).")] = Path(
+        "./data/demo"
+    ),
+    database_url: Annotated[str, typer.Option(envvar="FEDPILOT_DATABASE_URL")] = "",
+) -> None:
+    """Run a federated fine-tuning job on a local cluster of processes (Ctrl-C stops all)."""
+    from fedpilot.demo import DEFAULT_DATASET, DemoConfig, run_demo
+
+    config = DemoConfig(
+        workers=workers,
+        rounds=rounds,
+        strategy=strategy,
+        dataset=dataset or DEFAULT_DATASET,
+        classes=classes,
+        per_class=per_class,
+        alpha=alpha,
+        local_steps=local_steps,
+        out=out,
+        database_url=database_url,
+    )
+    try:
+        run_demo(config)
+    except (FileNotFoundError, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+
+
 def main() -> None:
     app()
 

@@ -101,8 +101,14 @@ class LocalCluster:
         return self.address
 
     def start_worker(
-        self, name: str, data: Path, budget_bytes: int, labels: dict[str, str] | None = None
+        self,
+        name: str,
+        data: Path,
+        budget_bytes: int,
+        labels: dict[str, str] | None = None,
+        threads: int = 1,
     ) -> subprocess.Popen[bytes]:
+        """One worker process; ``threads`` torch threads so co-located workers share cores."""
         args = [
             "worker",
             "--coordinator",
@@ -115,6 +121,8 @@ class LocalCluster:
             str(budget_bytes),
             "--log-level",
             self.log_level,
+            "--threads",
+            str(threads),
         ]
         for key, value in (labels or {}).items():
             args += ["--label", f"{key}={value}"]

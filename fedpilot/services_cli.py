@@ -77,6 +77,7 @@ def worker(
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
     label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable.")] = None,
     enrollment_secret: Annotated[str, typer.Option(envvar="FEDPILOT_ENROLLMENT_SECRET")] = "",
+    threads: Annotated[int, typer.Option(min=0, help="torch threads (0 = default).")] = 0,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run a worker: register, then profile and train what the coordinator assigns."""
@@ -94,6 +95,7 @@ def worker(
             device=device,
             labels=labels,
             enrollment_secret=enrollment_secret,
+            threads=threads,
         )
         service = WorkerService(settings)
     except ValueError as e:

@@ -85,6 +85,10 @@ class WorkerSettings:
     poll_wait_ms: int = 5_000
     max_backoff_s: float = 30.0
     probe_examples: int = 16
+    loss_batches: int = 4
+    threads: int = 0
+    """torch intra-op threads; 0 = torch's default. Several workers on one machine
+    must share its cores, or OpenMP threads spin against each other."""
 
 
 class WorkerService:
@@ -100,6 +104,10 @@ class WorkerService:
         self.abandon = threading.Event()
         self._models: dict[str, Any] = {}
         self._data: dict[str, Any] = {}
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
 
     # -- resilience ------------------------------------------------------------------------
 

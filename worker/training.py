@@ -71,8 +71,12 @@ def train(
     weight_decay: float = 0.0,
     seed: int = 0,
     measure_peak: bool = True,
+    loss_batches: int | None = None,
 ) -> TrainResult:
     """Train exactly ``modules`` with AdamW; ``steps`` (if given) overrides ``epochs``.
+
+    ``loss_batches`` limits the before/after loss to the first batches: a full
+    pass over local data can cost more than the training itself.
 
     ``num_samples`` is the number of local examples (the aggregation weight).
     Batches are visited in a seeded shuffled order, epoch after epoch. The
@@ -89,7 +93,8 @@ def train(
     if total < 0:
         raise ValueError("steps must be >= 0")
     num_samples = sum(_batch_size(b) for b in batches)
-    loss_before = evaluate(model, batches)[0]
+    probe = batches[:loss_batches] if loss_batches else batches
+    loss_before = evaluate(model, probe)[0]
     if not params or total == 0:
         return TrainResult(loss_before, loss_before, num_samples, 0.0, 0, 0)
 
@@ -120,7 +125,7 @@ def train(
     if cuda and measure_peak:
         peak = int(torch.cuda.max_memory_allocated(device))
     model.train(was_training)
-    loss_after = evaluate(model, batches)[0]
+    loss_after = evaluate(model, probe)[0]
     return TrainResult(
         loss_before=loss_before,
         loss_after=loss_after,

@@ -44,3 +44,17 @@ def aggregate(
     from fedpilot.bench import aggregate as bench
 
     _emit(bench.run(tuple(clients or (10, 100)), tuple(merge or ("factors",))))
+
+
+@bench_app.command("blobs")
+def blobs(
+    sizes: Annotated[
+        list[int] | None, typer.Option(help="Payload sizes in MiB (repeatable).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+    postgres_url: Annotated[str, typer.Option(help="PostgreSQL to compare against.")] = "",
+) -> None:
+    """Adapter bytes in a blob directory against PostgreSQL bytea (write/read MiB/s, memory)."""
+    from fedpilot.bench import blobs as bench
+
+    _emit(bench.run(tuple(sizes or (1, 8, 32)), repeats, postgres_url=postgres_url or None))
