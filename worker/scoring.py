@@ -58,6 +58,10 @@ def _probe_mode(model: nn.Module) -> Iterator[None]:
     hf = _hf_model(model)
     was_checkpointing = _checkpointing_on(hf)
     can_checkpoint = bool(getattr(hf, "supports_gradient_checkpointing", False))
+    # Enabling checkpointing also hooks the input embeddings so their output
+    # requires grad; left behind, that hook makes every later training step
+    # back-propagate through all layers, the cost the depth-aware budget avoids.
+    hooks = {m: set(m._forward_hooks) for m in model.modules()}
     try:
         set_trainable(model, module_entries(model))
         if can_checkpoint and not was_checkpointing:
@@ -71,6 +75,9 @@ def _probe_mode(model: nn.Module) -> Iterator[None]:
         model.zero_grad(set_to_none=True)
         if can_checkpoint and not was_checkpointing:
             _set_checkpointing(hf, False)
+        for m, before in hooks.items():
+            for hook_id in set(m._forward_hooks) - before:
+                m._forward_hooks.pop(hook_id, None)
         for m, mode in modes.items():
             m.training = mode
         for n, p in model.named_parameters():

@@ -95,6 +95,18 @@ def test_probe_restores_flags_modes_and_checkpointing(tiny_model, probe):
         local_ig_scores(tiny_model, [])
 
 
+def test_probe_leaves_training_as_shallow_as_before(tiny_model, probe):
+    # Training only the head must not back-propagate into the encoder after a probe.
+    from fedpilot.worker.profiling import measure_training_peak
+
+    hooks = {m: dict(m._forward_hooks) for m in tiny_model.modules()}
+    before = measure_training_peak(tiny_model, ["classifier"], probe[0])
+    local_ig_scores(tiny_model, probe, max_examples=2)
+    assert {m: dict(m._forward_hooks) for m in tiny_model.modules()} == hooks
+    after = measure_training_peak(tiny_model, ["classifier"], probe[0])
+    assert after <= before * 1.05
+
+
 def test_max_examples_limits_the_probe(tiny_model, probe):
     first = local_ig_scores(tiny_model, probe[:1], max_examples=1)
     assert first == local_ig_scores(tiny_model, probe, max_examples=1)
