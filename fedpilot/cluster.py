@@ -65,8 +65,14 @@ class LocalCluster:
         return proc
 
     def start_coordinator(
-        self, *, job: Path | None = None, evaluate: bool = True, timeout_s: float = 120
+        self,
+        *,
+        job: Path | None = None,
+        evaluate: bool = True,
+        port: int = 0,
+        timeout_s: float = 120,
     ) -> str:
+        """Start (or restart on ``port``) the coordinator; returns its gRPC address."""
         port_file = self.work_dir / "coordinator.port"
         port_file.unlink(missing_ok=True)
         args = [
@@ -74,7 +80,7 @@ class LocalCluster:
             "--data-dir",
             str(self.data_dir),
             "--port",
-            "0",
+            str(port),
             "--port-file",
             str(port_file),
             "--log-level",
@@ -127,6 +133,12 @@ class LocalCluster:
         for key, value in (labels or {}).items():
             args += ["--label", f"{key}={value}"]
         return self._spawn(name, args)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one process (and its group) the hard way, as a crash would."""
+        proc = self.processes[name]
+        os.killpg(proc.pid, sig)
+        proc.wait()
 
     @property
     def store(self) -> Store:

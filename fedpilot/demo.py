@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
@@ -24,6 +25,9 @@ from fedpilot.core.aggregation import unflatten
 from fedpilot.core.memory import MemoryModel
 from fedpilot.core.partition import dirichlet_partition
 from fedpilot.wire.payload import decode_tensors
+
+if TYPE_CHECKING:
+    from fedpilot.worker.model import ModelSpec
 
 DEFAULT_DATASET = Path(
     os.environ.get("FEDPILOT_BANKING77")
@@ -83,11 +87,11 @@ def _load(
     return texts, labels, names
 
 
-def _profile(config: DemoConfig, num_labels: int) -> MemoryModel:
-    from fedpilot.worker.model import ModelSpec, load_model
-    from fedpilot.worker.profiling import dummy_batch, profile_memory
+def _model_spec(config: DemoConfig, num_labels: int) -> ModelSpec:
+    """The worker-side model of the demo job (same LoRA settings as the job spec)."""
+    from fedpilot.worker.model import ModelSpec
 
-    spec = ModelSpec(
+    return ModelSpec(
         num_labels=num_labels,
         lora_rank=config.lora_rank,
         lora_alpha=2 * config.lora_rank,
@@ -95,6 +99,13 @@ def _profile(config: DemoConfig, num_labels: int) -> MemoryModel:
         max_seq_len=config.max_seq_len,
         batch_size=config.batch_size,
     )
+
+
+def _profile(config: DemoConfig, num_labels: int) -> MemoryModel:
+    from fedpilot.worker.model import load_model
+    from fedpilot.worker.profiling import dummy_batch, profile_memory
+
+    spec = _model_spec(config, num_labels)
     model = load_model(spec, seed=config.seed)
     return profile_memory(model, dummy_batch(model, config.batch_size, config.max_seq_len))
 
@@ -321,20 +332,13 @@ def _summarise(
 def _export(
     cluster: LocalCluster, job_id: str, config: DemoConfig, num_labels: int, target: Path
 ) -> Path:
-    from fedpilot.worker.model import ModelSpec, load_model, load_module_state, save_adapter
+    from fedpilot.worker.model import load_model, load_module_state, save_adapter
 
     version = cluster.store.latest_version(job_id)
     assert version is not None
     blobs = cluster.data_dir / "blobs" / version.sha256[:2] / version.sha256
     modules = unflatten(decode_tensors(blobs.read_bytes()))
-    spec = ModelSpec(
-        num_labels=num_labels,
-        lora_rank=config.lora_rank,
-        lora_alpha=2 * config.lora_rank,
-        target_modules=tuple(config.targets),
-        max_seq_len=config.max_seq_len,
-        batch_size=config.batch_size,
-    )
+    spec = _model_spec(config, num_labels)
     model = load_model(spec, seed=config.seed)
     load_module_state(model, modules)
     return save_adapter(model, target)

@@ -349,7 +349,7 @@ def load_module_state(model: nn.Module, state: Mapping[str, Mapping[str, np.ndar
             plan.append((p, arr))
     with torch.no_grad():
         for p, arr in plan:
-            p.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(p.dtype))
+            p.copy_(torch.from_numpy(np.require(arr, requirements=["C", "W"])).to(p.dtype))
 
 
 # --- PEFT adapter mapping ------------------------------------------------------------
