@@ -396,12 +396,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 u for u in self.store.updates(task.job_id, task.round) if u.worker_id == worker.id
             ]
             if existing:
-                # Idempotent: a retried upload of a stored update counts once.
+                # Idempotent, even after the round closed: a retried upload counts once.
                 for _ in request_iterator:
                     pass
                 return coordinator_pb2.UploadUpdateResponse(
                     update_id=str(existing[0].id), duplicate=True
                 )
+            self._require_open_round(task)
             self._check_manifest(task, m)
             receiver = PayloadReceiver(m.payload, max_total_bytes=self.settings.max_upload_bytes)
             for msg in request_iterator:
@@ -454,6 +455,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 f"not job {m.job_id} round {m.round}",
                 "round",
             )
+        if m.num_samples <= 0:
+            raise _error(
+                errors_pb2.ERROR_REASON_MALFORMED, "num_samples must be > 0", "num_samples"
+            )
+        return task
+
+    def _require_open_round(self, task: Task) -> None:
         rnd = self.store.round(task.job_id, task.round)
         if rnd is None or rnd.closed_at is not None or rnd.state != "training":
             raise _error(
@@ -461,15 +469,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 f"round {task.round} of job {task.job_id} no longer takes uploads",
                 "round",
             )
-        if task.status not in ("offered", "done"):
+        if task.status != "offered":
             raise _error(
                 errors_pb2.ERROR_REASON_ROUND_CLOSED, f"task {task.id} is {task.status}", "task_id"
             )
-        if m.num_samples <= 0:
-            raise _error(
-                errors_pb2.ERROR_REASON_MALFORMED, "num_samples must be > 0", "num_samples"
-            )
-        return task
 
     def _check_manifest(self, task: Task, m: transfer_pb2.UpdateManifest) -> None:
         """The declared tensors are exactly the assigned modules' tensors, shaped as globally."""

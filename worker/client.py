@@ -56,6 +56,7 @@ class CoordinatorClient:
             else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         )
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        self.target = target
         self._timeout = timeout_s
         self.worker_id = ""
         self._token = ""

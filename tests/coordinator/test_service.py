@@ -1,0 +1,210 @@
+"""The coordinator over real gRPC with a lightweight test worker that speaks the real
+protocol and sends real tensors (no model): a full round, every upload rejection path,
+idempotent re-upload. Each rejection names the problem and stores nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedpilot.coordinator.db.store import Store
+from fedpilot.coordinator.server import RunningCoordinator, start
+from fedpilot.coordinator.settings import CoordinatorSettings
+from fedpilot.core.aggregation import flatten
+from fedpilot.v1 import coordinator_pb2, errors_pb2, profile_pb2, transfer_pb2
+from fedpilot.wire import encode_tensors, error_detail_from_rpc_error, iter_chunks
+from fedpilot.wire.payload import tensor_specs
+from fedpilot.worker.client import CoordinatorClient
+
+SHAPES = {
+    "enc.1.q": {"lora_A": (2, 4), "lora_B": (4, 2)},
+    "enc.2.q": {"lora_A": (2, 4), "lora_B": (4, 2)},
+    "head": {"weight": (3, 4), "bias": (3,)},
+}
+LAYERS = {"enc.1.q": 1, "enc.2.q": 2, "head": 0}
+BASE, MODULE_BYTES = 1000, 10
+
+
+def _tensors(modules, value: float = 0.5, dtype=np.float32) -> dict[str, np.ndarray]:
+    return flatten(
+        {m: {p: np.full(SHAPES[m][p], value, dtype) for p in SHAPES[m]} for m in modules}
+    )
+
+
+def _profile() -> profile_pb2.MemoryProfile:
+    return profile_pb2.MemoryProfile(
+        base_bytes=BASE,
+        layer_activation_bytes=[100, 100],
+        budget_bytes=BASE + MODULE_BYTES,
+        modules=[
+            profile_pb2.ModuleCost(name=m, layer=LAYERS[m], param_bytes=MODULE_BYTES)
+            for m in SHAPES
+        ],
+        tensors=tensor_specs(_tensors(SHAPES)),
+        device="test",
+    )
+
+
+def _poll(client: CoordinatorClient, kind: int, timeout_s: float = 20) -> coordinator_pb2.Task:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        task = client.poll_task(500)
+        if task is not None and task.kind == kind:
+            return task
+    raise AssertionError("no task arrived")
+
+
+@pytest.fixture()
+def running(database_url: str, tmp_path: Path) -> Iterator[RunningCoordinator]:
+    settings = CoordinatorSettings(
+        data_dir=tmp_path, database_url=database_url, grpc_port=0, tick_seconds=0.05
+    )
+    coordinator = start(settings)
+    yield coordinator
+    coordinator.stop()
+
+
+@pytest.fixture()
+def round_ready(running: RunningCoordinator):
+    """A registered test worker holding a TRAIN task that assigns only the head."""
+    store: Store = running.store
+    client = CoordinatorClient(f"127.0.0.1:{running.port}")
+    client.register("test-worker", budget_bytes=BASE + MODULE_BYTES)
+    job_id = store.create_job(
+        "svc",
+        {
+            "rounds": 1,
+            "min_workers": 1,
+            "round_deadline_s": 60,
+            "quorum": 1.0,
+            "ig_probe_batches": 0,
+        },
+    )
+    task = _poll(client, coordinator_pb2.TASK_KIND_PROFILE)
+    client.report_profile(job_id, task.task_id, _profile())
+    task = _poll(client, coordinator_pb2.TASK_KIND_TRAIN)
+    yield store, client, job_id, task
+    client.close()
+
+
+def _manifest(task: coordinator_pb2.Task, **changes) -> transfer_pb2.UpdateManifest:
+    fields = {
+        "job_id": task.job_id,
+        "round": task.round,
+        "task_id": task.task_id,
+        "num_samples": 10,
+        "train_loss_before": 1.0,
+        "train_loss_after": 0.5,
+    }
+    fields.update(changes)
+    return transfer_pb2.UpdateManifest(**fields)
+
+
+def _reason(call) -> str:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    detail = error_detail_from_rpc_error(e.value)
+    assert detail is not None and detail.message, e.value
+    return errors_pb2.ErrorReason.Name(detail.reason)
+
+
+def _raw_upload(client: CoordinatorClient, manifest, data: bytes, chunk: int = 64):
+    manifest.worker_id = client.worker_id
+
+    def messages():
+        yield transfer_pb2.UploadUpdateRequest(manifest=manifest)
+        for part in iter_chunks(data, chunk):
+            yield transfer_pb2.UploadUpdateRequest(data=part)
+
+    return client._stub.UploadUpdate(messages(), metadata=client._metadata(), timeout=10)
+
+
+def test_a_full_round_with_every_rejection_path(round_ready) -> None:
+    store, client, job_id, task = round_ready
+    assert list(task.modules) == ["head"]  # the budget fits the head only
+    _, adapter = client.download_adapter(job_id, task.adapter_version)
+    assert set(adapter) == set(_tensors(SHAPES))
+    good = _tensors(["head"])
+
+    cases = {
+        "ERROR_REASON_WRONG_ROUND": lambda: client.upload_update(_manifest(task, round=7), good),
+        "ERROR_REASON_MODULE_NOT_ASSIGNED": lambda: client.upload_update(
+            _manifest(task), {**good, **_tensors(["enc.1.q"])}
+        ),
+        "ERROR_REASON_UNKNOWN_TENSOR": lambda: client.upload_update(
+            _manifest(task), {**good, "head/extra": np.zeros(2, np.float32)}
+        ),
+        "ERROR_REASON_SHAPE_MISMATCH": lambda: client.upload_update(
+            _manifest(task), {**good, "head/bias": np.zeros(4, np.float32)}
+        ),
+        "ERROR_REASON_DTYPE_MISMATCH": lambda: client.upload_update(
+            _manifest(task), _tensors(["head"], dtype=np.float16)
+        ),
+        "ERROR_REASON_NON_FINITE": lambda: client.upload_update(
+            _manifest(task), {**good, "head/bias": np.array([0, np.nan, 0], np.float32)}
+        ),
+        "ERROR_REASON_NOT_ASSIGNED": lambda: client.upload_update(
+            _manifest(task, task_id="not-a-task"), good
+        ),
+        "ERROR_REASON_MALFORMED": lambda: client.upload_update(
+            _manifest(task, num_samples=0), good
+        ),
+    }
+    data, payload = encode_tensors(good)
+    lying = _manifest(
+        task,
+        payload=transfer_pb2.PayloadManifest(
+            tensors=payload.tensors, total_bytes=payload.total_bytes, sha256="0" * 64
+        ),
+    )
+    short = _manifest(task, payload=payload)
+    huge = _manifest(
+        task,
+        payload=transfer_pb2.PayloadManifest(
+            tensors=payload.tensors, total_bytes=1 << 40, sha256=payload.sha256
+        ),
+    )
+    cases |= {
+        "ERROR_REASON_CHECKSUM_MISMATCH": lambda: _raw_upload(client, lying, data),
+        "ERROR_REASON_TRUNCATED": lambda: _raw_upload(client, short, data[:-8]),
+        "ERROR_REASON_STREAM_TOO_LARGE": lambda: _raw_upload(client, huge, data),
+    }
+    for expected, call in cases.items():
+        assert _reason(call) == expected
+    # A forged token is refused before anything else.
+    impostor = CoordinatorClient(client.target)
+    impostor.authenticate(client.worker_id, "forged-token")
+    assert (
+        _reason(lambda: impostor.upload_update(_manifest(task), good)) == "ERROR_REASON_BAD_TOKEN"
+    )
+    impostor.close()
+
+    # Nothing of any of that was stored; each refusal was recorded with its reason.
+    assert store.updates(job_id, task.round) == []
+    recorded = {r.reason for r in store.rejections(job_id)}
+    assert set(cases) - {"ERROR_REASON_NOT_ASSIGNED"} <= recorded
+
+    # The real upload counts once, however often it is sent.
+    first = client.upload_update(_manifest(task), good)
+    again = client.upload_update(_manifest(task), good)
+    assert not first.duplicate and again.duplicate and again.update_id == first.update_id
+    (update,) = store.updates(job_id, task.round)
+    assert update.sha256 == hashlib.sha256(encode_tensors(good)[0]).hexdigest()
+
+    # The round closes and the job finishes with the update in version 1.
+    deadline = time.monotonic() + 20
+    while store.job(job_id).state != "done" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.job(job_id).state == "done", store.job(job_id).error
+    _, v1 = client.download_adapter(job_id, 1)
+    np.testing.assert_allclose(v1["head/weight"], 0.5)
+    np.testing.assert_array_equal(v1["enc.1.q/lora_A"], adapter["enc.1.q/lora_A"])
+    # A retry that arrives after the round closed is still acknowledged, not counted.
+    assert client.upload_update(_manifest(task), good).duplicate
+    assert len(store.updates(job_id, task.round)) == 1
