@@ -50,7 +50,7 @@ class DemoConfig:
     local_steps: int = 12
     batch_size: int = 16
     max_seq_len: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     lora_rank: int = 8
     out: Path = Path("./data/demo")
     database_url: str = ""
