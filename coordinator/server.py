@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.store import Store, database_url
@@ -59,10 +61,20 @@ def start(
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if settings.metrics_port is not None:
+        start_http_server(settings.metrics_port, addr=settings.grpc_host)
     driver = RoundDriver(store, blobs, settings, tasks_ready, evaluator)
     stop_event = threading.Event()
     thread = threading.Thread(

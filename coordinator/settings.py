@@ -24,3 +24,5 @@ class CoordinatorSettings(BaseSettings):
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 1 << 30
     max_poll_wait_ms: Annotated[int, Field(ge=0, le=120_000)] = 20_000
     tick_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
+    metrics_port: Annotated[int | None, Field(ge=0, le=65535)] = None
+    """Prometheus /metrics on this port (None = off; the REST API will serve it too)."""

@@ -39,6 +39,9 @@ def coordinator(
     job: Annotated[Path | None, typer.Option(help="Submit this job spec (JSON) at start.")] = None,
     evaluate: Annotated[bool, typer.Option(help="Evaluate rounds on the job's eval set.")] = True,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port.")
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run the coordinator: migrate the database, serve gRPC, drive rounds."""
@@ -48,7 +51,11 @@ def coordinator(
 
     _logging(log_level)
     settings = CoordinatorSettings(
-        data_dir=data_dir, database_url=database_url, grpc_host=host, grpc_port=port
+        data_dir=data_dir,
+        database_url=database_url,
+        grpc_host=host,
+        grpc_port=port,
+        metrics_port=metrics_port,
     )
     evaluator = None
     if evaluate:
@@ -78,6 +85,13 @@ def worker(
     label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable.")] = None,
     enrollment_secret: Annotated[str, typer.Option(envvar="FEDPILOT_ENROLLMENT_SECRET")] = "",
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0 = default).")] = 0,
+    partition: Annotated[
+        str, typer.Option(help="i/N: train on part i (0-based) of N of a shared --data file.")
+    ] = "",
+    partition_alpha: Annotated[
+        float | None, typer.Option(help="Dirichlet label skew of --partition (omit = IID).")
+    ] = None,
+    partition_seed: Annotated[int, typer.Option()] = 0,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run a worker: register, then profile and train what the coordinator assigns."""
@@ -86,6 +100,12 @@ def worker(
     _logging(log_level)
     labels = dict(item.split("=", 1) for item in (label or []) if "=" in item)
     try:
+        part = None
+        if partition:
+            index, _, count = partition.partition("/")
+            part = (int(index), int(count))
+            if not 0 <= part[0] < part[1]:
+                raise ValueError(f"--partition {partition}: need 0 <= i < N")
         settings = WorkerSettings(
             coordinator=coordinator,
             name=name,
@@ -96,6 +116,9 @@ def worker(
             labels=labels,
             enrollment_secret=enrollment_secret,
             threads=threads,
+            partition=part,
+            partition_alpha=partition_alpha,
+            partition_seed=partition_seed,
         )
         service = WorkerService(settings)
     except ValueError as e:

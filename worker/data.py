@@ -162,3 +162,24 @@ def synthetic_dataset(
         texts.append(" ".join(tokens))
         labels.append(y)
     return TextDataset(tuple(texts), tuple(labels), tuple(f"class{k}" for k in range(num_labels)))
+
+
+def partition(
+    data: TextDataset, index: int, count: int, *, alpha: float | None = None, seed: int = 0
+) -> TextDataset:
+    """Part ``index`` (0-based) of ``count`` of a shared file: IID, or label skew with
+    Dirichlet(``alpha``). Every worker computes the same split from the same seed, so the
+    parts are disjoint and cover the file."""
+    from fedpilot.core.partition import dirichlet_partition, iid_partition
+
+    if not 0 <= index < count:
+        raise ValueError(f"partition {index}/{count}: index must be in [0, {count})")
+    parts = (
+        iid_partition(len(data), count, seed)
+        if alpha is None
+        else dirichlet_partition(list(data.labels), count, alpha, seed)
+    )
+    chosen = parts[index]
+    if len(chosen) == 0:
+        raise ValueError(f"partition {index}/{count} of {len(data)} examples is empty")
+    return data.subset(int(i) for i in chosen)

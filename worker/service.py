@@ -86,6 +86,11 @@ class WorkerSettings:
     max_backoff_s: float = 30.0
     probe_examples: int = 16
     loss_batches: int = 4
+    partition: tuple[int, int] | None = None
+    """(index, count): train on one part of a shared ``data`` file (experiments)."""
+    partition_alpha: float | None = None
+    """Dirichlet label skew of the partition; None = IID."""
+    partition_seed: int = 0
     threads: int = 0
     """torch intra-op threads; 0 = torch's default. Several workers on one machine
     must share its cores, or OpenMP threads spin against each other."""
@@ -228,6 +233,23 @@ class WorkerService:
         key = (config.batch_size, config.max_seq_len, tuple(config.label_names))
         if key not in self._data:
             data = load_csv(self.settings.data, label_names=list(config.label_names) or None)
+            if self.settings.partition is not None:
+                from fedpilot.worker.data import partition
+
+                index, count = self.settings.partition
+                data = partition(
+                    data,
+                    index,
+                    count,
+                    alpha=self.settings.partition_alpha,
+                    seed=self.settings.partition_seed,
+                )
+            if len(data) == 0:
+                raise WireError(
+                    errors_pb2.ERROR_REASON_MALFORMED,
+                    f"{self.settings.data}: no examples with the job's labels",
+                    "data",
+                )
             self._data = {
                 key: make_batches(
                     data,

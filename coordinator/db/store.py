@@ -16,7 +16,7 @@ import secrets
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -200,29 +200,6 @@ class Store:
             s.execute(update(Job).where(Job.id == job_id).values(**values))
 
     # -- profiles --------------------------------------------------------------------------
-
-    @retrying
-    def save_profile(
-        self,
-        job_id: str,
-        worker_id: str,
-        *,
-        memory: Mapping[str, Any],
-        tensors: Mapping[str, Any],
-        budget_bytes: int,
-        method: str,
-        device: str,
-    ) -> None:
-        with self.session() as s, s.begin():
-            row = s.scalar(
-                select(Profile).where(Profile.job_id == job_id, Profile.worker_id == worker_id)
-            )
-            if row is None:
-                row = Profile(job_id=job_id, worker_id=worker_id)
-                s.add(row)
-            row.memory, row.tensors = dict(memory), dict(tensors)
-            row.budget_bytes, row.method, row.device = budget_bytes, method, device
-            row.created_at = utcnow()
 
     @retrying
     def profiles(self, job_id: str) -> dict[str, Profile]:
@@ -509,7 +486,3 @@ class Store:
     def count(self, model: type[Any]) -> int:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(model)) or 0)
-
-
-def now() -> datetime:
-    return datetime.now(UTC)

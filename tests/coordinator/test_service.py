@@ -208,3 +208,20 @@ def test_a_full_round_with_every_rejection_path(round_ready) -> None:
     # A retry that arrives after the round closed is still acknowledged, not counted.
     assert client.upload_update(_manifest(task), good).duplicate
     assert len(store.updates(job_id, task.round)) == 1
+
+
+def test_health_and_reflection_answer(running: RunningCoordinator) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    reply = health.Check(health_pb2.HealthCheckRequest(service="fedpilot.v1.Coordinator"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    (answer,) = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for s in answer.list_services_response.service}
+    assert "fedpilot.v1.Coordinator" in names
+    channel.close()
