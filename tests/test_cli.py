@@ -116,3 +116,14 @@ def test_bench_aggregate_prints_throughput_against_memcpy() -> None:
     assert row["ratio_to_memcpy"] == pytest.approx(
         row["gb_per_s"] / row["memcpy_gb_per_s"], rel=0.01
     )
+
+
+def test_bench_transfer_compares_the_real_path_with_grpc_and_tcp() -> None:
+    result = fedpilot("bench", "transfer", "--size-mib", "8")
+    assert result.returncode == 0, result.stderr
+    rows = _json_lines(result.stdout)
+    assert {r["direction"] for r in rows} == {"upload", "download"}
+    for r in rows:
+        assert r["bench"] == "transfer" and r["bytes"] == 8 * 2**20
+        assert r["mb_per_s"] > 0 and r["ratio_to_grpc"] > 0 and r["ratio_to_tcp"] > 0
+        assert r["coordinator_peak_rss_bytes"] > 0

@@ -58,3 +58,13 @@ def blobs(
     from fedpilot.bench import blobs as bench
 
     _emit(bench.run(tuple(sizes or (1, 8, 32)), repeats, postgres_url=postgres_url or None))
+
+
+@bench_app.command("transfer")
+def transfer(
+    size_mib: Annotated[int, typer.Option(min=4, help="Adapter size in MiB.")] = 256,
+) -> None:
+    """Adapter upload/download through the real coordinator vs bare gRPC and raw TCP."""
+    from fedpilot.bench import transfer as bench
+
+    _emit(bench.run(size_mib))

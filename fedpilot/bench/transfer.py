@@ -1,0 +1,270 @@
+"""Adapter transfer through the real coordinator against bare gRPC and raw TCP.
+
+A coordinator process serves a job whose adapter is ``size_mib`` large; a
+test worker (this process) downloads version 0 and uploads a full update,
+with every check of the real path (token, assignment, manifest, sha256,
+finiteness, blob write, database row). Baselines, each a separate process on
+loopback with the same bytes: a bare grpcio stream with the same chunk size,
+and a raw TCP socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedpilot.cluster import LocalCluster
+from fedpilot.core.aggregation import flatten
+from fedpilot.v1 import coordinator_pb2, profile_pb2, transfer_pb2
+from fedpilot.wire.payload import MAX_CHUNK_BYTES, tensor_specs
+
+MIB = 1 << 20
+_RAW = {"request_serializer": None, "response_deserializer": None}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _shapes(size_mib: int, rank: int = 8) -> dict[str, dict[str, tuple[int, int]]]:
+    """Modules of 4 MiB each (two 2 MiB factors: rank x 65536 and 65536 x rank float32)."""
+    width = MIB // (2 * rank)
+    return {
+        f"m{i:03d}": {"lora_A": (rank, width), "lora_B": (width, rank)}
+        for i in range(max(1, size_mib // 4))
+    }
+
+
+def _vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm(pid: int) -> None:
+    # Not permitted everywhere: the peak then includes start-up.
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+# -- baselines (run as `python -m fedpilot.bench.transfer serve-grpc|serve-tcp PORT SIZE`) -----
+
+
+def _serve_grpc(port: int, size: int) -> None:
+    from concurrent import futures
+
+    payload = os.urandom(MAX_CHUNK_BYTES)
+
+    def download(request: bytes, context: Any) -> Iterator[bytes]:
+        for start in range(0, size, MAX_CHUNK_BYTES):
+            yield payload[: min(MAX_CHUNK_BYTES, size - start)]
+
+    def upload(requests: Iterator[bytes], context: Any) -> bytes:
+        total = sum(len(r) for r in requests)
+        return total.to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Raw",
+        {
+            "Download": grpc.unary_stream_rpc_method_handler(download),
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+        },
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[
+            ("grpc.max_receive_message_length", 2 * MAX_CHUNK_BYTES),
+            ("grpc.max_send_message_length", 2 * MAX_CHUNK_BYTES),
+        ],
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def _serve_tcp(port: int, size: int) -> None:
+    block = os.urandom(MAX_CHUNK_BYTES)
+    with socket.create_server(("127.0.0.1", port)) as srv:
+        while True:
+            conn, _ = srv.accept()
+            with conn, contextlib.suppress(OSError):
+                mode = conn.recv(1)
+                if not mode:  # a readiness probe
+                    continue
+                if mode == b"u":
+                    left = size
+                    while left:
+                        left -= len(conn.recv(min(left, 4 * MIB)))
+                    conn.sendall(b"k")
+                else:
+                    sent = 0
+                    while sent < size:
+                        n = min(MAX_CHUNK_BYTES, size - sent)
+                        conn.sendall(block[:n])
+                        sent += n
+
+
+def _spawn(kind: str, port: int, size: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpilot.bench.transfer", kind, str(port), str(size)]
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{kind} baseline did not start")
+
+
+def _grpc_rates(port: int, size: int) -> dict[str, float]:
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 2 * MAX_CHUNK_BYTES)]
+    )
+    down = channel.unary_stream("/bench.Raw/Download", **_RAW)
+    up = channel.stream_unary("/bench.Raw/Upload", **_RAW)
+    chunk = os.urandom(MAX_CHUNK_BYTES)
+    start = time.perf_counter()
+    got = sum(len(c) for c in down(b""))
+    t_down = time.perf_counter() - start
+    start = time.perf_counter()
+    up(chunk[: min(MAX_CHUNK_BYTES, size - i)] for i in range(0, size, MAX_CHUNK_BYTES))
+    t_up = time.perf_counter() - start
+    channel.close()
+    assert got == size
+    return {"download": size / t_down / 1e6, "upload": size / t_up / 1e6}
+
+
+def _tcp_rates(port: int, size: int) -> dict[str, float]:
+    block = os.urandom(4 * MIB)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        start = time.perf_counter()
+        s.sendall(b"u")
+        sent = 0
+        while sent < size:
+            n = min(len(block), size - sent)
+            s.sendall(block[:n])
+            sent += n
+        s.recv(1)
+        t_up = time.perf_counter() - start
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        start = time.perf_counter()
+        s.sendall(b"d")
+        left = size
+        while left:
+            left -= len(s.recv(min(left, 4 * MIB)))
+        t_down = time.perf_counter() - start
+    return {"download": size / t_down / 1e6, "upload": size / t_up / 1e6}
+
+
+# -- the real path -------------------------------------------------------------------------
+
+
+def _coordinator_rates(work: Path, size_mib: int) -> tuple[dict[str, float], int, int]:
+    from fedpilot.worker.client import CoordinatorClient
+
+    shapes = _shapes(size_mib)
+    rng = np.random.default_rng(0)
+    update = flatten(
+        {
+            m: {p: rng.standard_normal(s, dtype=np.float32) for p, s in parts.items()}
+            for m, parts in shapes.items()
+        }
+    )
+    nbytes = sum(x.nbytes for x in update.values())
+    with LocalCluster(work / "cluster", log_level="warning") as cluster:
+        address = cluster.start_coordinator(evaluate=False)
+        job_id = cluster.store.create_job(
+            "transfer",
+            {
+                "rounds": 1,
+                "min_workers": 1,
+                "round_deadline_s": 3600,
+                "quorum": 1.0,
+                "ig_probe_batches": 0,
+            },
+        )
+        client = CoordinatorClient(address, timeout_s=600)
+        client.register("bench", budget_bytes=1 << 50)
+        task = _poll(client, coordinator_pb2.TASK_KIND_PROFILE)
+        client.report_profile(
+            job_id,
+            task.task_id,
+            profile_pb2.MemoryProfile(
+                base_bytes=1,
+                layer_activation_bytes=[1],
+                budget_bytes=1 << 50,
+                modules=[profile_pb2.ModuleCost(name=m, layer=1, param_bytes=1) for m in shapes],
+                tensors=tensor_specs(update),
+            ),
+        )
+        task = _poll(client, coordinator_pb2.TASK_KIND_TRAIN)
+        pid = cluster.processes["coordinator"].pid
+        _reset_hwm(pid)
+        start = time.perf_counter()
+        _, adapter = client.download_adapter(job_id, task.adapter_version, max_bytes=1 << 40)
+        t_down = time.perf_counter() - start
+        del adapter
+        manifest = transfer_pb2.UpdateManifest(
+            job_id=job_id, round=task.round, task_id=task.task_id, num_samples=1
+        )
+        start = time.perf_counter()
+        client.upload_update(manifest, update)
+        t_up = time.perf_counter() - start
+        peak = _vm_hwm(pid)
+        client.close()
+    return {"download": nbytes / t_down / 1e6, "upload": nbytes / t_up / 1e6}, peak, nbytes
+
+
+def _poll(client: Any, kind: int) -> coordinator_pb2.Task:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        task = client.poll_task(1000)
+        if task is not None and task.kind == kind:
+            return task  # type: ignore[no-any-return]
+    raise RuntimeError("the coordinator offered no task")
+
+
+def run(size_mib: int = 256) -> Iterator[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-", dir=".") as tmp:
+        ours, peak, nbytes = _coordinator_rates(Path(tmp), size_mib)
+    g_port, t_port = _free_port(), _free_port()
+    grpc_proc, tcp_proc = _spawn("serve-grpc", g_port, nbytes), _spawn("serve-tcp", t_port, nbytes)
+    try:
+        bare, tcp = _grpc_rates(g_port, nbytes), _tcp_rates(t_port, nbytes)
+    finally:
+        grpc_proc.kill()
+        tcp_proc.kill()
+    for direction in ("upload", "download"):
+        yield {
+            "bench": "transfer",
+            "direction": direction,
+            "bytes": nbytes,
+            "mb_per_s": round(ours[direction], 1),
+            "grpc_mb_per_s": round(bare[direction], 1),
+            "tcp_mb_per_s": round(tcp[direction], 1),
+            "ratio_to_grpc": round(ours[direction] / bare[direction], 3),
+            "ratio_to_tcp": round(ours[direction] / tcp[direction], 3),
+            "coordinator_peak_rss_bytes": peak,
+        }
+
+
+if __name__ == "__main__":
+    kind, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    (_serve_grpc if kind == "serve-grpc" else _serve_tcp)(port, size)
