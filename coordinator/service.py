@@ -33,8 +33,8 @@ from fedpilot.v1 import (
     profile_pb2,
     transfer_pb2,
 )
-from fedpilot.wire import MAX_CHUNK_BYTES, PayloadReceiver, WireError, iter_chunks, rich_status
-from fedpilot.wire.payload import decode_tensors, tensor_specs
+from fedpilot.wire import MAX_CHUNK_BYTES, PayloadReceiver, WireError, rich_status
+from fedpilot.wire.payload import Buffer, decode_tensors, tensor_specs
 from fedpilot.wire.serde import memory_from_proto
 
 log = logging.getLogger(__name__)
@@ -357,18 +357,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         assert version is not None and job is not None
         spec = JobSpec.model_validate(job.spec)
-        data = self.blobs.read(version.sha256)
+        with self.blobs.mapped(version.sha256) as data:
+            payload = _manifest_of(data, version.sha256)
         yield transfer_pb2.AdapterChunk(
             manifest=transfer_pb2.AdapterManifest(
                 job_id=job.id,
                 version=version.version,
-                payload=_manifest_of(data, version.sha256),
+                payload=payload,
                 lora_rank=spec.lora.rank,
                 lora_alpha=spec.lora.alpha,
                 target_modules=spec.lora.target_modules,
             )
         )
-        for chunk in iter_chunks(data, MAX_CHUNK_BYTES):
+        for chunk in self.blobs.iter_chunks(version.sha256, MAX_CHUNK_BYTES):
             yield transfer_pb2.AdapterChunk(data=chunk)
 
     def UploadUpdate(
@@ -404,17 +405,31 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 )
             self._require_open_round(task)
             self._check_manifest(task, m)
-            receiver = PayloadReceiver(m.payload, max_total_bytes=self.settings.max_upload_bytes)
-            for msg in request_iterator:
-                if msg.WhichOneof("kind") != "data":
-                    raise _error(
-                        errors_pb2.ERROR_REASON_MALFORMED,
-                        "a second manifest inside an upload",
-                        "manifest",
-                    )
-                receiver.feed(msg.data)
-            receiver.finish()  # size, sha256, names, shapes, dtypes, finiteness
-            sha, size = self.blobs.put_bytes(receiver.data)
+            receiver = PayloadReceiver(
+                m.payload, max_total_bytes=self.settings.max_upload_bytes, keep=False
+            )
+
+            def chunks() -> Iterator[bytes]:
+                for msg in request_iterator:
+                    if msg.WhichOneof("kind") != "data":
+                        raise _error(
+                            errors_pb2.ERROR_REASON_MALFORMED,
+                            "a second manifest inside an upload",
+                            "manifest",
+                        )
+                    receiver.feed(msg.data)
+                    yield msg.data
+
+            # Chunks go straight to a staged file while they are checked; the file is
+            # verified through a memory map and becomes visible only if all checks pass.
+            staged = self.blobs.stage(chunks())
+            try:
+                with staged.mapped() as payload:
+                    receiver.finish_with(payload)  # size, sha256, names, shapes, dtypes, finite
+                sha, size = staged.commit()
+            except BaseException:
+                staged.discard()
+                raise
             record = self.store.record_update(
                 Update(
                     job_id=task.job_id,
@@ -517,8 +532,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 )
 
 
-def _manifest_of(data: bytes, sha256: str) -> transfer_pb2.PayloadManifest:
-
-    return transfer_pb2.PayloadManifest(
-        tensors=tensor_specs(decode_tensors(data)), total_bytes=len(data), sha256=sha256
-    )
+def _manifest_of(data: Buffer, sha256: str) -> transfer_pb2.PayloadManifest:
+    tensors = decode_tensors(data)
+    specs = tensor_specs(tensors)
+    del tensors  # views into ``data``, which the caller is about to unmap
+    return transfer_pb2.PayloadManifest(tensors=specs, total_bytes=len(data), sha256=sha256)

@@ -11,9 +11,11 @@ once. Why a directory and not PostgreSQL ``bytea``: see docs/architecture.md
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -36,8 +38,9 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def put(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:
-        """Store the bytes; returns (sha256, size). Idempotent for equal content."""
+    def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
+        """Write ``chunks`` to a durable temporary file while hashing them, holding no more
+        than one chunk in memory; :meth:`StagedBlob.commit` makes it visible."""
         digest = hashlib.sha256()
         size = 0
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._tmpdir())
@@ -49,17 +52,24 @@ class BlobStore:
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            sha = digest.hexdigest()
-            if expected_sha256 is not None and sha != expected_sha256:
-                raise BlobError(f"content sha256 {sha} != declared {expected_sha256}")
-            target = self.path(sha)
-            target.parent.mkdir(exist_ok=True)
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
-            return sha, size
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return StagedBlob(self, Path(tmp), digest.hexdigest(), size)
+
+    def put(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:
+        """Store the bytes; returns (sha256, size). Idempotent for equal content."""
+        staged = self.stage(chunks)
+        if expected_sha256 is not None and staged.sha256 != expected_sha256:
+            staged.discard()
+            raise BlobError(f"content sha256 {staged.sha256} != declared {expected_sha256}")
+        return staged.commit()
+
+    @contextmanager
+    def mapped(self, sha256: str) -> Iterator[mmap.mmap]:
+        """The blob's bytes as a read-only memory map (zero-copy decoding)."""
+        with _mapped(self.path(sha256)) as buf:
+            yield buf
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
         return self.put([data])
@@ -76,6 +86,34 @@ class BlobStore:
         tmp = self.root / "00"
         tmp.mkdir(exist_ok=True)
         return tmp
+
+
+class StagedBlob:
+    """A fully written, fsynced blob not yet visible under its digest."""
+
+    def __init__(self, store: BlobStore, path: Path, sha256: str, size: int) -> None:
+        self.store, self.path, self.sha256, self.size = store, path, sha256, size
+
+    @contextmanager
+    def mapped(self) -> Iterator[mmap.mmap]:
+        with _mapped(self.path) as buf:
+            yield buf
+
+    def commit(self) -> tuple[str, int]:
+        target = self.store.path(self.sha256)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(self.path, target)
+        _fsync_dir(target.parent)
+        return self.sha256, self.size
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _mapped(path: Path) -> Iterator[mmap.mmap]:
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        yield buf
 
 
 def _fsync_dir(path: Path) -> None:

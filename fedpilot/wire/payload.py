@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections.abc import Iterator, Mapping
 from itertools import pairwise
 from typing import Any
@@ -21,6 +22,9 @@ from safetensors.numpy import save as st_save
 
 from fedpilot.v1 import errors_pb2, transfer_pb2
 from fedpilot.wire.errors import WireError
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+"""Anything holding a payload: received bytes or a memory-mapped blob."""
 
 MAX_CHUNK_BYTES = 1 << 20
 """Largest chunk on the wire (1 MiB): far below gRPC's 4 MiB message limit."""
@@ -104,7 +108,7 @@ def _entry(
     return dtype, tuple(shape), begin, end
 
 
-def decode_tensors(data: bytes) -> dict[str, np.ndarray]:
+def decode_tensors(data: Buffer) -> dict[str, np.ndarray]:
     """Read-only numpy views into ``data`` (no copy), after checking the header.
 
     Tensors of one dtype that are stored back to back stay adjacent in memory,
@@ -145,7 +149,10 @@ class PayloadReceiver:
         *,
         max_total_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        keep: bool = True,
     ) -> None:
+        """``keep=False``: only check chunks as they pass (the caller stores them, e.g. in a
+        file), then verify that copy with :meth:`finish_with`."""
         if manifest.total_bytes > max_total_bytes:
             raise WireError(
                 errors_pb2.ERROR_REASON_STREAM_TOO_LARGE,
@@ -166,6 +173,7 @@ class PayloadReceiver:
                 "manifest.tensors",
             )
         self.manifest = manifest
+        self._keep = keep
         self._max_chunk = max_chunk_bytes
         self._hash = hashlib.sha256()
         self._parts: list[bytes] = []
@@ -188,10 +196,10 @@ class PayloadReceiver:
                 "manifest.total_bytes",
             )
         self._hash.update(chunk)
-        self._parts.append(chunk)
+        if self._keep:
+            self._parts.append(chunk)
 
-    def finish(self) -> dict[str, np.ndarray]:
-        """Verify size and checksum, decode, and check every tensor against the manifest."""
+    def _verify_stream(self) -> None:
         if self.received != self.manifest.total_bytes:
             raise WireError(
                 errors_pb2.ERROR_REASON_TRUNCATED,
@@ -205,11 +213,31 @@ class PayloadReceiver:
                 f"sha256 of the received bytes is {digest}, manifest says {self.manifest.sha256}",
                 "manifest.sha256",
             )
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Verify size and checksum, decode, and check every tensor against the manifest."""
+        self._verify_stream()
         self.data = b"".join(self._parts)
         self._parts.clear()
         tensors = decode_tensors(self.data)
         check_tensors(tensors, self.manifest)
         return tensors
+
+    def finish_with(self, payload: Buffer) -> None:
+        """Like :meth:`finish` for a stream the caller stored itself (``keep=False``):
+        verify size and checksum, then decode ``payload`` and check every tensor.
+
+        No view into ``payload`` survives the call, not even in a raised error's
+        traceback, so the caller can unmap it afterwards.
+        """
+        self._verify_stream()
+        error: WireError | None = None
+        try:
+            check_tensors(decode_tensors(payload), self.manifest)
+        except WireError as e:
+            error = WireError(e.reason, e.message, e.field, e.metadata)
+        if error is not None:
+            raise error
 
 
 def check_tensors(
