@@ -33,7 +33,7 @@ from fedpilot.coordinator.settings import CoordinatorSettings
 from fedpilot.core.aggregation import Aggregator, ClientUpdate, UpdateError, flatten, unflatten
 from fedpilot.core.ig_score import combine, global_scores
 from fedpilot.core.initial import initial_adapter
-from fedpilot.core.memory import MemoryModel, ModuleCost, WorkerProfile
+from fedpilot.core.memory import WorkerProfile, memory_from_json
 from fedpilot.core.strategies import Client, assign
 from fedpilot.wire.payload import decode_tensors, encode_tensors
 
@@ -43,17 +43,6 @@ ACTIVE = ("waiting", "profiling", "training", "aggregating", "evaluating")
 
 Evaluator = Callable[[JobSpec, Mapping[str, Mapping[str, np.ndarray]]], dict[str, float]]
 """Scores a global adapter on the job's held-out set: ``{"eval_loss", "eval_accuracy"}``."""
-
-
-def memory_model(stored: Mapping[str, Any]) -> MemoryModel:
-    return MemoryModel(
-        base_bytes=int(stored["base_bytes"]),
-        layer_activation_bytes=tuple(int(a) for a in stored["layer_activation_bytes"]),
-        modules=tuple(
-            ModuleCost(m["name"], int(m["layer"]), int(m["param_bytes"]), int(m["extra_bytes"]))
-            for m in stored["modules"]
-        ),
-    )
 
 
 class RoundDriver:
@@ -199,7 +188,7 @@ class RoundDriver:
             if p.tensors != shapes:
                 refused.append((wid, "profiled adapter tensors differ from the global adapter"))
                 continue
-            memory = memory_model(p.memory)
+            memory = memory_from_json(p.memory)
             names = memory.module_names
             scores = combine(
                 previous.get(wid, {}), global_scores(stats, names), spec.ig_lambda, names

@@ -26,6 +26,7 @@ from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.metrics import REJECTIONS
 from fedpilot.coordinator.settings import CoordinatorSettings
 from fedpilot.core.aggregation import SEPARATOR
+from fedpilot.core.memory import memory_to_json
 from fedpilot.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -100,19 +101,7 @@ def profile_row(msg: profile_pb2.MemoryProfile) -> dict[str, Any]:
             "profile.tensors",
         )
     return {
-        "memory": {
-            "base_bytes": memory.base_bytes,
-            "layer_activation_bytes": list(memory.layer_activation_bytes),
-            "modules": [
-                {
-                    "name": m.name,
-                    "layer": m.layer,
-                    "param_bytes": m.param_bytes,
-                    "extra_bytes": m.extra_bytes,
-                }
-                for m in memory.modules
-            ],
-        },
+        "memory": memory_to_json(memory),
         "tensors": tensors,
         "budget_bytes": msg.budget_bytes,
         "method": profile_pb2.ProfileMethod.Name(msg.method),
@@ -206,8 +195,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     f"job {job_id!r} has no global adapter yet",
                     "job_id",
                 )
-            tensors = decode_tensors(self.blobs.read(version.sha256))
-            shapes = {k: list(v.shape) for k, v in tensors.items()}
+            with self.blobs.mapped(version.sha256) as data:
+                shapes = {k: list(v.shape) for k, v in decode_tensors(data).items()}
             self._shape_cache[job_id] = shapes
         return shapes
 

@@ -98,21 +98,25 @@ def profile(
     output: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
 ) -> None:
     """Measure the memory model of a LoRA configuration; prints `fedpilot plan` JSON."""
-    from fedpilot.worker.cli import profile_main
+    from fedpilot.worker.profiling import run_profile_command
 
-    raise typer.Exit(
-        profile_main(
+    targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    text = json.dumps(
+        run_profile_command(
             model or None,
             batch_size,
             seq_len,
             rank,
-            target_modules=target_modules,
+            target_modules=targets,
             num_labels=num_labels,
             dtype=dtype,
             device=device,
-            output=output,
-        )
+        ),
+        indent=2,
     )
+    if output is not None:
+        output.write_text(text + "\n")
+    typer.echo(text)
 
 
 @app.command()

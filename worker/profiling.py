@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpilot.core.memory import HEAD_LAYER, MemoryModel, ModuleCost
+from fedpilot.core.memory import HEAD_LAYER, MemoryModel, ModuleCost, memory_to_json
 from fedpilot.worker.model import (
     ModelSpec,
     hf_config,
@@ -365,35 +365,6 @@ def profile_memory(model: nn.Module, batch: Batch) -> MemoryModel:
 # --- JSON and command ----------------------------------------------------------------
 
 
-def profile_to_json(memory: MemoryModel) -> dict[str, Any]:
-    """The ``fedpilot plan`` input format (without ``clients``)."""
-    return {
-        "modules": [
-            {
-                "name": m.name,
-                "layer": m.layer,
-                "param_bytes": m.param_bytes,
-                "extra_bytes": m.extra_bytes,
-            }
-            for m in memory.modules
-        ],
-        "layer_activation_bytes": list(memory.layer_activation_bytes),
-        "base_bytes": memory.base_bytes,
-    }
-
-
-def profile_from_json(data: Mapping[str, Any]) -> MemoryModel:
-    """Inverse of :func:`profile_to_json`."""
-    return MemoryModel(
-        base_bytes=int(data["base_bytes"]),
-        layer_activation_bytes=tuple(int(a) for a in data["layer_activation_bytes"]),
-        modules=tuple(
-            ModuleCost(m["name"], int(m["layer"]), int(m["param_bytes"]), int(m["extra_bytes"]))
-            for m in data["modules"]
-        ),
-    )
-
-
 def dummy_batch(
     model: nn.Module, batch_size: int, seq_len: int, *, seed: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -443,4 +414,4 @@ def run_profile_command(
     )
     peft_model = load_model(spec, device=device, seed=seed)
     batch = dummy_batch(peft_model, batch_size, seq_len, seed=seed)
-    return profile_to_json(profile_memory(peft_model, batch))
+    return memory_to_json(profile_memory(peft_model, batch))

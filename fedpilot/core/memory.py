@@ -13,8 +13,9 @@ measurements, the coordinator and ``fedpilot plan`` read it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 HEAD_LAYER = 0
 """``layer`` value of a module above the last transformer layer (e.g. the task head)."""
@@ -146,3 +147,33 @@ class WorkerProfile:
 def cost(memory: MemoryModel, names: Sequence[str]) -> int:
     """Functional alias of :meth:`MemoryModel.cost`."""
     return memory.cost(names)
+
+
+def memory_to_json(memory: MemoryModel) -> dict[str, Any]:
+    """The ``fedpilot plan`` input format (without ``clients``): how profiles are
+    printed, stored and exchanged outside protobuf."""
+    return {
+        "modules": [
+            {
+                "name": m.name,
+                "layer": m.layer,
+                "param_bytes": m.param_bytes,
+                "extra_bytes": m.extra_bytes,
+            }
+            for m in memory.modules
+        ],
+        "layer_activation_bytes": list(memory.layer_activation_bytes),
+        "base_bytes": memory.base_bytes,
+    }
+
+
+def memory_from_json(data: Mapping[str, Any]) -> MemoryModel:
+    """Inverse of :func:`memory_to_json`."""
+    return MemoryModel(
+        base_bytes=int(data["base_bytes"]),
+        layer_activation_bytes=tuple(int(a) for a in data["layer_activation_bytes"]),
+        modules=tuple(
+            ModuleCost(m["name"], int(m["layer"]), int(m["param_bytes"]), int(m["extra_bytes"]))
+            for m in data["modules"]
+        ),
+    )

@@ -1,13 +1,12 @@
 """The measured memory model against real training steps, byte counting and the JSON format."""
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from fedpilot.worker.cli import profile_main
+from fedpilot.core.memory import memory_from_json, memory_to_json
 from fedpilot.worker.model import (
     HEAD_LAYER,
     ModelSpec,
@@ -20,9 +19,7 @@ from fedpilot.worker.profiling import (
     SavedTensorCounter,
     dummy_batch,
     measure_training_peak,
-    profile_from_json,
     profile_memory,
-    profile_to_json,
     unique_bytes,
     weight_bytes,
 )
@@ -151,9 +148,9 @@ def test_profile_json_is_a_plan_input(tiny_model, tmp_path):
     from fedpilot.plan import load_plan, run_plan
 
     memory = profile_memory(tiny_model, dummy_batch(tiny_model, 4, 16))
-    data = profile_to_json(memory)
+    data = memory_to_json(memory)
 
-    assert profile_from_json(json.loads(json.dumps(data))) == memory
+    assert memory_from_json(json.loads(json.dumps(data))) == memory
     scores = {name: 1.0 for name in memory.module_names}
     data["clients"] = [{"name": "c", "budget_bytes": memory.cost(["classifier"]), "scores": scores}]
     path = tmp_path / "plan.json"
@@ -162,20 +159,40 @@ def test_profile_json_is_a_plan_input(tiny_model, tmp_path):
     assert assignment.feasible and list(assignment.modules) == ["classifier"]
 
 
-def test_profile_main_prints_the_profile(tiny_dir):
-    out = io.StringIO()
+def test_fedpilot_profile_prints_the_profile(tiny_dir, tmp_path):
+    import subprocess
+    import sys
 
-    code = profile_main(
-        str(tiny_dir),
-        batch_size=2,
-        seq_len=16,
-        rank=2,
-        num_labels=3,
-        target_modules="query, value",
-        stream=out,
+    out = tmp_path / "profile.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedpilot.cli",
+            "profile",
+            "--model",
+            str(tiny_dir),
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--rank",
+            "2",
+            "--num-labels",
+            "3",
+            "--target-modules",
+            "query, value",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
-    data = json.loads(out.getvalue())
-    assert code == 0
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data == json.loads(out.read_text())
     assert set(data) == {"modules", "layer_activation_bytes", "base_bytes"}
     assert len(data["modules"]) == 7 and len(data["layer_activation_bytes"]) == 3
