@@ -23,8 +23,9 @@ class HeldOutEvaluator:
         self._cache: dict[str, tuple[Any, list[Any]]] = {}
 
     def _prepare(self, spec: JobSpec) -> tuple[Any, list[Any]]:
+        from fedpilot.coordinator.export import model_spec
         from fedpilot.worker.data import load_csv, make_batches
-        from fedpilot.worker.model import ModelSpec, load_model, load_tokenizer
+        from fedpilot.worker.model import load_model, load_tokenizer
 
         key = spec.model_dump_json(
             include={
@@ -38,25 +39,15 @@ class HeldOutEvaluator:
             }
         )
         if key not in self._cache:
-            model_spec = ModelSpec(
-                model_path=spec.model or None,
-                num_labels=spec.num_labels,
-                lora_rank=spec.lora.rank,
-                lora_alpha=spec.lora.alpha,
-                lora_dropout=spec.lora.dropout,
-                target_modules=tuple(spec.lora.target_modules),
-                dtype=spec.dtype,
-                max_seq_len=spec.max_seq_len,
-                batch_size=spec.batch_size,
-            )
+            spec_of_model = model_spec(spec)
             data = load_csv(spec.eval_dataset, label_names=spec.labels or None)
             if len(data) > self.max_examples:
                 rng = np.random.default_rng(0)
                 keep = sorted(rng.choice(len(data), self.max_examples, replace=False).tolist())
                 data = data.subset(keep)
-            model = load_model(model_spec, seed=spec.seed)
+            model = load_model(spec_of_model, seed=spec.seed)
             batches = make_batches(
-                data, load_tokenizer(model_spec), batch_size=64, max_seq_len=spec.max_seq_len
+                data, load_tokenizer(spec_of_model), batch_size=64, max_seq_len=spec.max_seq_len
             )
             self._cache[key] = (model, batches)
         return self._cache[key]

@@ -103,5 +103,7 @@ class JobSpec(BaseModel):
         if self.labels:
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError("labels must be distinct")
+            if len(self.labels) < 2:
+                raise ValueError("labels must name at least 2 classes")
             self.num_labels = len(self.labels)
         return self

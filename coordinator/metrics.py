@@ -1,4 +1,9 @@
-"""Prometheus metrics of the coordinator (scraped at /metrics)."""
+"""Prometheus metrics of the coordinator (scraped at ``/metrics`` on the HTTP port).
+
+Names follow Prometheus conventions: ``fedpilot_`` prefix, ``_total`` for
+counters, base units (``_seconds``, ``_bytes``). Each is listed in
+docs/operations.md.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,43 @@ from prometheus_client import Counter, Gauge, Histogram
 REJECTIONS = Counter(
     "fedpilot_rejections_total", "Requests and uploads refused, by reason.", ["reason"]
 )
+REGISTRATIONS = Counter("fedpilot_registrations_total", "Workers registered.")
 UPLOADS = Counter("fedpilot_uploads_total", "Updates accepted (duplicates excluded).")
-BYTES_IN = Counter("fedpilot_update_bytes_total", "Payload bytes of accepted updates.")
-BYTES_OUT = Counter("fedpilot_adapter_download_bytes_total", "Adapter bytes sent to workers.")
-ROUNDS = Counter("fedpilot_rounds_total", "Rounds closed, by outcome.", ["outcome"])
+DUPLICATE_UPLOADS = Counter(
+    "fedpilot_duplicate_uploads_total", "Updates received again and counted once."
+)
+BYTES_IN = Counter("fedpilot_received_bytes_total", "Payload bytes of accepted updates.")
+BYTES_OUT = Counter("fedpilot_sent_bytes_total", "Adapter payload bytes streamed to workers.")
+ROUNDS = Counter("fedpilot_rounds_total", "Rounds ended, by outcome.", ["outcome"])
 ROUND_SECONDS = Histogram(
-    "fedpilot_round_seconds",
+    "fedpilot_round_duration_seconds",
     "Wall time of a round from opening to commit.",
     buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
-AGGREGATE_SECONDS = Histogram("fedpilot_aggregate_seconds", "Time to aggregate one round.")
-ALIVE_WORKERS = Gauge("fedpilot_alive_workers", "Workers with a recent heartbeat.")
+ASSIGN_SECONDS = Histogram(
+    "fedpilot_assignment_solve_seconds",
+    "Time to compute one round's module assignment (strategy + knapsack).",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+AGGREGATE_SECONDS = Histogram(
+    "fedpilot_aggregation_seconds", "Time to aggregate one round's updates and commit."
+)
+ALIVE_WORKERS = Gauge("fedpilot_workers_connected", "Workers with a recent heartbeat.")
 STRAGGLERS = Counter("fedpilot_stragglers_total", "Assigned workers that missed a deadline.")
+WORKER_BUDGET = Gauge(
+    "fedpilot_worker_budget_bytes", "Memory budget a worker registered with.", ["worker"]
+)
+WORKER_PEAK = Gauge(
+    "fedpilot_worker_measured_peak_bytes",
+    "Peak training memory a worker measured in its last accepted update.",
+    ["worker"],
+)
+WORKER_PREDICTED = Gauge(
+    "fedpilot_worker_predicted_peak_bytes",
+    "Peak memory the memory model predicted for a worker's last assignment.",
+    ["worker"],
+)
+GLOBAL_ACCURACY = Gauge(
+    "fedpilot_global_accuracy", "Held-out accuracy of the newest global adapter.", ["job"]
+)
+GLOBAL_LOSS = Gauge("fedpilot_global_loss", "Held-out loss of the newest global adapter.", ["job"])

@@ -194,7 +194,10 @@ class RoundDriver:
                 previous.get(wid, {}), global_scores(stats, names), spec.ig_lambda, names
             )
             clients.append(Client(wid, WorkerProfile(memory, p.budget_bytes), scores))
+        solve_start = time.perf_counter()
         assignments = assign(clients, spec.strategy, seed=spec.seed + number)
+        solve_seconds = time.perf_counter() - solve_start
+        metrics.ASSIGN_SECONDS.observe(solve_seconds)
         tasks = []
         for a in assignments:
             ok = a.feasible and bool(a.modules)
@@ -377,6 +380,8 @@ class RoundDriver:
             modules = unflatten(decode_tensors(self.blobs.read(version.sha256)))
             scores = self.evaluator(spec, modules)
             self.store.set_round(job.id, number, metrics={**rnd.metrics, **scores})
+            metrics.GLOBAL_ACCURACY.labels(job=job.id).set(scores["eval_accuracy"])
+            metrics.GLOBAL_LOSS.labels(job=job.id).set(scores["eval_loss"])
             log.info("job %s round %d: %s", job.id, number, scores)
         if number >= spec.rounds:
             self.store.set_job_state(job.id, "done")

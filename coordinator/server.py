@@ -12,6 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from fedpilot.coordinator.api.deps import ApiContext
+from fedpilot.coordinator.api.http import HttpServer
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.store import Store, database_url
 from fedpilot.coordinator.rounds import Evaluator, RoundDriver
@@ -21,6 +23,8 @@ from fedpilot.v1 import coordinator_pb2, coordinator_pb2_grpc
 from fedpilot.wire.payload import MAX_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
@@ -33,9 +37,16 @@ class RunningCoordinator:
     driver: RoundDriver
     stop_event: threading.Event
     thread: threading.Thread
+    http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     def stop(self, grace: float = 2.0) -> None:
         self.stop_event.set()
+        if self.http is not None:
+            self.http.stop()
         self.server.stop(grace).wait()
         self.thread.join(timeout=10)
         self.store.engine.dispose()
@@ -75,6 +86,7 @@ def start(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, addr=settings.grpc_host)
+    http = _start_http(settings, store, blobs)
     driver = RoundDriver(store, blobs, settings, tasks_ready, evaluator)
     stop_event = threading.Event()
     thread = threading.Thread(
@@ -87,4 +99,34 @@ def start(
         port,
         store.engine.url.render_as_string(hide_password=True),
     )
-    return RunningCoordinator(store, server, port, driver, stop_event, thread)
+    return RunningCoordinator(store, server, port, driver, stop_event, thread, http)
+
+
+def http_bind_host(settings: CoordinatorSettings) -> str:
+    """Where the HTTP API may listen: anywhere with a token, loopback only without one."""
+    host = settings.http_host
+    if settings.api_token.get_secret_value() or host in LOOPBACK:
+        return host
+    log.warning(
+        "no API token configured (FEDPILOT_API_TOKEN): the HTTP API listens on 127.0.0.1 "
+        "only, not on %s",
+        host,
+    )
+    return "127.0.0.1"
+
+
+def _start_http(settings: CoordinatorSettings, store: Store, blobs: BlobStore) -> HttpServer | None:
+    if settings.http_port is None:
+        return None
+    from fedpilot.coordinator.api.app import create_app
+
+    host = http_bind_host(settings)
+    http = HttpServer(create_app(ApiContext(store, blobs, settings)), host, settings.http_port)
+    http.start()
+    log.info(
+        "HTTP API, dashboard and /metrics on http://%s:%d (%s)",
+        host,
+        http.port,
+        "bearer token required" if settings.api_token.get_secret_value() else "no token: loopback",
+    )
+    return http

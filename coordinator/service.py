@@ -19,11 +19,11 @@ from typing import Any
 
 import grpc
 
+from fedpilot.coordinator import metrics
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Task, Update, Worker
 from fedpilot.coordinator.db.store import AuthError, Store
 from fedpilot.coordinator.jobspec import JobSpec
-from fedpilot.coordinator.metrics import REJECTIONS
 from fedpilot.coordinator.settings import CoordinatorSettings
 from fedpilot.core.aggregation import SEPARATOR
 from fedpilot.core.memory import memory_to_json
@@ -136,7 +136,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         round_number: int | None = None,
         worker_id: str | None = None,
     ) -> Any:
-        REJECTIONS.labels(reason=error.reason_name).inc()
+        metrics.REJECTIONS.labels(reason=error.reason_name).inc()
         try:
             self.store.record_rejection(
                 error.reason_name,
@@ -230,6 +230,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         worker_id, token = self.store.register_worker(
             request.name, dict(request.labels), device, request.budget_bytes
         )
+        metrics.REGISTRATIONS.inc()
+        metrics.WORKER_BUDGET.labels(worker=request.name).set(request.budget_bytes)
         log.info("registered worker %s (%s)", request.name, worker_id)
         return coordinator_pb2.RegisterResponse(
             worker_id=worker_id,
@@ -360,6 +362,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         )
         for chunk in self.blobs.iter_chunks(version.sha256, MAX_CHUNK_BYTES):
             yield transfer_pb2.AdapterChunk(data=chunk)
+            metrics.BYTES_OUT.inc(len(chunk))
 
     def UploadUpdate(
         self,
@@ -389,6 +392,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 # Idempotent, even after the round closed: a retried upload counts once.
                 for _ in request_iterator:
                     pass
+                metrics.DUPLICATE_UPLOADS.inc()
                 return coordinator_pb2.UploadUpdateResponse(
                     update_id=str(existing[0].id), duplicate=True
                 )
@@ -438,6 +442,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         except WireError as e:
             return self._reject(context, e, **where)
+        if record.duplicate:
+            metrics.DUPLICATE_UPLOADS.inc()
+        else:
+            metrics.UPLOADS.inc()
+            metrics.BYTES_IN.inc(size)
+            metrics.WORKER_PEAK.labels(worker=worker.name).set(m.measured_peak_bytes)
+            metrics.WORKER_PREDICTED.labels(worker=worker.name).set(m.predicted_peak_bytes)
         with self.tasks_ready:
             self.tasks_ready.notify_all()
         return coordinator_pb2.UploadUpdateResponse(

@@ -25,4 +25,9 @@ class CoordinatorSettings(BaseSettings):
     max_poll_wait_ms: Annotated[int, Field(ge=0, le=120_000)] = 20_000
     tick_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
     metrics_port: Annotated[int | None, Field(ge=0, le=65535)] = None
-    """Prometheus /metrics on this port (None = off; the REST API will serve it too)."""
+    """A separate Prometheus port (None = off; the HTTP API serves /metrics anyway)."""
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int | None, Field(ge=0, le=65535)] = None
+    """REST API, dashboard and /metrics (None = no HTTP server)."""
+    api_token: SecretStr = SecretStr("")
+    """Bearer token of the REST API. Empty: the HTTP server binds to loopback only."""

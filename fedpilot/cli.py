@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedpilot import __version__
+from fedpilot import __version__, client_cli
 from fedpilot.bench.cli import bench_app
 from fedpilot.services_cli import coordinator, db_app, worker
 
@@ -24,6 +24,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(db_app, name="db")
 app.command()(coordinator)
 app.command()(worker)
+client_cli.register(app)
 
 
 def _mib(n: int) -> str:

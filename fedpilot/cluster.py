@@ -41,6 +41,7 @@ class LocalCluster:
         self.log_level = log_level
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.address = ""
+        self.http_url = ""
         self._store: Store | None = None
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -70,11 +71,16 @@ class LocalCluster:
         job: Path | None = None,
         evaluate: bool = True,
         port: int = 0,
+        http_port: int = 0,
         timeout_s: float = 120,
     ) -> str:
-        """Start (or restart on ``port``) the coordinator; returns its gRPC address."""
+        """Start (or restart on ``port``) the coordinator; returns its gRPC address.
+
+        The REST API and dashboard are then at :attr:`http_url`."""
         port_file = self.work_dir / "coordinator.port"
+        http_port_file = self.work_dir / "coordinator.http-port"
         port_file.unlink(missing_ok=True)
+        http_port_file.unlink(missing_ok=True)
         args = [
             "coordinator",
             "--data-dir",
@@ -83,6 +89,10 @@ class LocalCluster:
             str(port),
             "--port-file",
             str(port_file),
+            "--http-port",
+            str(http_port),
+            "--http-port-file",
+            str(http_port_file),
             "--log-level",
             self.log_level,
         ]
@@ -104,6 +114,8 @@ class LocalCluster:
                 raise TimeoutError("coordinator did not start in time")
             time.sleep(0.1)
         self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        if http_port_file.exists():
+            self.http_url = f"http://127.0.0.1:{http_port_file.read_text().strip()}"
         return self.address
 
     def start_worker(

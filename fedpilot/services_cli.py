@@ -40,11 +40,29 @@ def coordinator(
     evaluate: Annotated[bool, typer.Option(help="Evaluate rounds on the job's eval set.")] = True,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus /metrics on this port.")
+        int | None, typer.Option(help="Also serve Prometheus /metrics on this separate port.")
     ] = None,
+    http_host: Annotated[
+        str, typer.Option(help="REST API / dashboard bind address (loopback only without a token).")
+    ] = "127.0.0.1",
+    http_port: Annotated[
+        int, typer.Option(help="REST API, dashboard and /metrics port (0 = any free, -1 = off).")
+    ] = 8080,
+    http_port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound HTTP port here.")
+    ] = None,
+    api_token: Annotated[
+        str, typer.Option(envvar="FEDPILOT_API_TOKEN", help="Bearer token of the REST API.")
+    ] = "",
+    enrollment_secret: Annotated[
+        str,
+        typer.Option(
+            envvar="FEDPILOT_ENROLLMENT_SECRET", help="Workers must present it to register."
+        ),
+    ] = "",
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
-    """Run the coordinator: migrate the database, serve gRPC, drive rounds."""
+    """Run the coordinator: migrate the database, serve gRPC and HTTP, drive rounds."""
     from fedpilot.coordinator.jobspec import JobSpec
     from fedpilot.coordinator.server import start
     from fedpilot.coordinator.settings import CoordinatorSettings
@@ -56,6 +74,10 @@ def coordinator(
         grpc_host=host,
         grpc_port=port,
         metrics_port=metrics_port,
+        http_host=http_host,
+        http_port=None if http_port < 0 else http_port,
+        api_token=api_token,
+        enrollment_secret=enrollment_secret,
     )
     evaluator = None
     if evaluate:
@@ -67,6 +89,8 @@ def coordinator(
         spec = JobSpec.model_validate(json.loads(job.read_text()))
         job_id = running.store.create_job(spec.name, spec.model_dump(mode="json"))
         logging.getLogger("fedpilot").info("submitted job %s (%s)", job_id, spec.name)
+    if http_port_file is not None and running.http_port is not None:
+        http_port_file.write_text(str(running.http_port))
     if port_file is not None:
         port_file.write_text(str(running.port))
     _wait_for_signal()

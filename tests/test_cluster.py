@@ -7,7 +7,9 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fedpilot.cluster import LocalCluster, write_csv
 from fedpilot.coordinator.db.models import Job
@@ -103,3 +105,57 @@ def test_federated_run_across_processes_with_uneven_budgets(tmp_path, tiny_dir, 
         first = store.round(job.id, 1).metrics
         assert first["train_loss_after"] < first["train_loss_before"]
         assert store.module_stats(job.id)  # global scores were updated
+
+        # The operator's view of the same run: REST round detail and Prometheus metrics.
+        _check_rest_view(cluster.http_url, job.id, small, large)
+        _check_metrics(cluster.http_url, job.id)
+
+
+def _check_rest_view(url: str, job_id: str, small: int, large: int) -> None:
+    detail = httpx.get(f"{url}/api/v1/jobs/{job_id}").json()
+    assert detail["state"] == "done" and len(detail["history"]) == 2
+    assert all(r["eval_accuracy"] is not None for r in detail["history"])
+    assert detail["modules"] and detail["adapter_version"] == 2
+    rnd = httpx.get(f"{url}/api/v1/jobs/{job_id}/rounds/1").json()
+    train = {a["worker_name"]: a for a in rnd["assignments"] if a["kind"] == "train"}
+    assert set(train) == {"small", "large"}
+    assert train["small"]["budget_bytes"] == small and train["large"]["budget_bytes"] == large
+    for a in train.values():
+        assert a["status"] == "done" and a["modules"]
+        assert 0 < a["predicted_bytes"] <= a["budget_bytes"]
+        assert a["measured_peak_bytes"] > 0 and a["upload_bytes"] > 0
+    assert rnd["bytes_moved"] > 0 and rnd["straggler_ids"] == []
+    workers = httpx.get(f"{url}/api/v1/workers").json()
+    assert {w["name"] for w in workers} == {"small", "large"}
+    assert all(w["last_profile"]["job_id"] == job_id for w in workers)
+
+
+def _check_metrics(url: str, job_id: str) -> None:
+    text = httpx.get(f"{url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ours = {name: f for name, f in families.items() if name.startswith("fedpilot_")}
+
+    def value(name: str, suffix: str = "", **labels: str) -> float:
+        return sum(
+            s.value
+            for s in ours[name].samples
+            if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    for name, family in ours.items():  # Prometheus conventions
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples), name
+        if family.type == "histogram":
+            assert name.endswith("_seconds"), name
+    assert value("fedpilot_rounds", "_total", outcome="closed") == 2
+    assert value("fedpilot_uploads", "_total") == 4
+    assert value("fedpilot_received_bytes", "_total") > 0
+    assert value("fedpilot_sent_bytes", "_total") > 0
+    assert value("fedpilot_registrations", "_total") == 2
+    assert value("fedpilot_assignment_solve_seconds", "_count") == 2
+    assert value("fedpilot_aggregation_seconds", "_count") == 2
+    assert value("fedpilot_workers_connected") == 2
+    for worker in ("small", "large"):
+        assert value("fedpilot_worker_budget_bytes", worker=worker) > 0
+        assert value("fedpilot_worker_measured_peak_bytes", worker=worker) > 0
+    assert 0 <= value("fedpilot_global_accuracy", job=job_id) <= 1

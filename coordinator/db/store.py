@@ -41,6 +41,9 @@ from fedpilot.coordinator.db.models import (
 )
 from fedpilot.core.ig_score import ModuleStats
 
+CANCELLED = "cancelled"
+"""A job state no later write may undo (the round driver may race a cancel)."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -197,7 +200,29 @@ class Store:
         if current_round is not None:
             values["current_round"] = current_round
         with self.session() as s, s.begin():
-            s.execute(update(Job).where(Job.id == job_id).values(**values))
+            s.execute(update(Job).where(Job.id == job_id, Job.state != CANCELLED).values(**values))
+
+    @retrying
+    def cancel_job(self, job_id: str) -> bool:
+        """Cancel an active job in one transaction: open rounds close as ``cancelled`` and
+        offered tasks are withdrawn (``abandoned``). False if the job had already ended."""
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None or job.state in ("done", "failed", CANCELLED):
+                return False
+            now = utcnow()
+            job.state, job.updated_at = CANCELLED, now
+            s.execute(
+                update(Round)
+                .where(Round.job_id == job_id, Round.closed_at.is_(None))
+                .values(state="cancelled", closed_at=now)
+            )
+            s.execute(
+                update(Task)
+                .where(Task.job_id == job_id, Task.status == "offered")
+                .values(status="abandoned", reason="job cancelled", updated_at=now)
+            )
+        return True
 
     # -- profiles --------------------------------------------------------------------------
 
@@ -206,6 +231,15 @@ class Store:
         with self.session() as s:
             rows = s.scalars(select(Profile).where(Profile.job_id == job_id))
             return {p.worker_id: p for p in rows}
+
+    @retrying
+    def latest_profiles(self) -> dict[str, Profile]:
+        """The newest profile of every worker that has one (any job)."""
+        with self.session() as s:
+            out: dict[str, Profile] = {}
+            for p in s.scalars(select(Profile).order_by(Profile.created_at, Profile.id)):
+                out[p.worker_id] = p
+            return out
 
     # -- rounds and tasks ------------------------------------------------------------------
 
@@ -241,7 +275,7 @@ class Store:
             s.add_all(tasks)
             s.execute(
                 update(Job)
-                .where(Job.id == job_id)
+                .where(Job.id == job_id, Job.state != CANCELLED)
                 .values(state=state, current_round=number, updated_at=utcnow())
             )
 
@@ -478,7 +512,9 @@ class Store:
                 )
             if job_state is not None:
                 s.execute(
-                    update(Job).where(Job.id == job_id).values(state=job_state, updated_at=utcnow())
+                    update(Job)
+                    .where(Job.id == job_id, Job.state != CANCELLED)
+                    .values(state=job_state, updated_at=utcnow())
                 )
         return True
 
