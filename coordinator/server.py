@@ -19,6 +19,7 @@ from fedpilot.coordinator.db.store import Store, database_url
 from fedpilot.coordinator.rounds import Evaluator, RoundDriver
 from fedpilot.coordinator.service import CoordinatorService
 from fedpilot.coordinator.settings import CoordinatorSettings
+from fedpilot.tls import server_credentials
 from fedpilot.v1 import coordinator_pb2, coordinator_pb2_grpc
 from fedpilot.wire.payload import MAX_CHUNK_BYTES
 
@@ -80,7 +81,14 @@ def start(
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -94,9 +102,12 @@ def start(
     )
     thread.start()
     log.info(
-        "coordinator serving gRPC on %s:%d (database %s)",
+        "coordinator serving gRPC on %s:%d, %s (database %s)",
         settings.grpc_host,
         port,
+        "mutual TLS"
+        if settings.tls_client_ca
+        else ("TLS" if settings.tls_cert else "plaintext: use TLS beyond a trusted network"),
         store.engine.url.render_as_string(hide_password=True),
     )
     return RunningCoordinator(store, server, port, driver, stop_event, thread, http)
@@ -121,10 +132,17 @@ def _start_http(settings: CoordinatorSettings, store: Store, blobs: BlobStore) -
     from fedpilot.coordinator.api.app import create_app
 
     host = http_bind_host(settings)
-    http = HttpServer(create_app(ApiContext(store, blobs, settings)), host, settings.http_port)
+    http = HttpServer(
+        create_app(ApiContext(store, blobs, settings)),
+        host,
+        settings.http_port,
+        certfile=settings.tls_cert,
+        keyfile=settings.tls_key,
+    )
     http.start()
     log.info(
-        "HTTP API, dashboard and /metrics on http://%s:%d (%s)",
+        "HTTP API, dashboard and /metrics on %s://%s:%d (%s)",
+        http.scheme,
         host,
         http.port,
         "bearer token required" if settings.api_token.get_secret_value() else "no token: loopback",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,5 +29,18 @@ class CoordinatorSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: Annotated[int | None, Field(ge=0, le=65535)] = None
     """REST API, dashboard and /metrics (None = no HTTP server)."""
+    tls_cert: Path | None = None
+    """PEM certificate of the gRPC and HTTP ports (with ``tls_key``); unset = plaintext."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """Require worker certificates signed by this CA on gRPC (mutual TLS)."""
     api_token: SecretStr = SecretStr("")
     """Bearer token of the REST API. Empty: the HTTP server binds to loopback only."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> CoordinatorSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self

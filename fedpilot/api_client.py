@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import ssl
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,9 +53,15 @@ def load_spec(path: Path) -> dict[str, Any]:
 
 
 class ApiClient:
-    def __init__(self, url: str = DEFAULT_URL, token: str = "", timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str = "", timeout: float = 30.0, ca: str = ""
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        ca = ca or os.environ.get("FEDPILOT_API_CA", "")  # trust a private CA (https)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
+        self.http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=timeout, verify=verify
+        )
 
     def __enter__(self) -> ApiClient:
         return self

@@ -167,3 +167,28 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Directory for the PEM files.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="Coordinator host name or IP (repeatable; first = common name)."),
+    ] = None,
+    worker: Annotated[
+        list[str] | None, typer.Option(help="Make a client certificate for this worker.")
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, max=3650)] = 365,
+) -> None:
+    """Make a CA, a coordinator certificate and worker certificates for a test cluster."""
+    from fedpilot.tls import make_cluster_certs
+
+    made = make_cluster_certs(
+        out, hosts=host or ["localhost", "127.0.0.1"], workers=worker or [], days=days
+    )
+    typer.echo(f"CA:          {made.ca}  (give to workers: --tls-ca)")
+    typer.echo(f"coordinator: --tls-cert {made.server_cert} --tls-key {made.server_key}")
+    typer.echo(f"             --tls-client-ca {made.ca}  (mutual TLS)")
+    for name, (cert, key) in made.clients.items():
+        typer.echo(f"worker {name}: --tls-cert {cert} --tls-key {key}")
