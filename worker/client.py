@@ -20,7 +20,7 @@ from fedpilot.v1 import (
     profile_pb2,
     transfer_pb2,
 )
-from fedpilot.wire import PayloadReceiver, WireError, encode_tensors, iter_chunks
+from fedpilot.wire import EncodedPayload, PayloadReceiver, WireError
 
 # Large enough for one chunk plus framing; bounded so a hostile peer cannot
 # make us buffer arbitrary messages.
@@ -162,15 +162,15 @@ class CoordinatorClient:
         self, manifest: transfer_pb2.UpdateManifest, tensors: Mapping[str, np.ndarray]
     ) -> coordinator_pb2.UploadUpdateResponse:
         """Send ``tensors`` after ``manifest`` (its payload section is filled in here)."""
-        data, payload = encode_tensors(tensors)
+        payload = EncodedPayload(tensors)  # streamed: never a second copy of the update
         full = transfer_pb2.UpdateManifest()
         full.CopyFrom(manifest)
         full.worker_id = self.worker_id
-        full.payload.CopyFrom(payload)
+        full.payload.CopyFrom(payload.manifest)
 
         def messages() -> Iterator[transfer_pb2.UploadUpdateRequest]:
             yield transfer_pb2.UploadUpdateRequest(manifest=full)
-            for chunk in iter_chunks(data):
+            for chunk in payload.chunks():
                 yield transfer_pb2.UploadUpdateRequest(data=chunk)
 
         return self._stub.UploadUpdate(

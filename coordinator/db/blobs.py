@@ -71,7 +71,7 @@ class BlobStore:
         with _mapped(self.path(sha256)) as buf:
             yield buf
 
-    def put_bytes(self, data: bytes) -> tuple[str, int]:
+    def put_bytes(self, data: bytes | bytearray) -> tuple[str, int]:
         return self.put([data])
 
     def read(self, sha256: str) -> bytes:

@@ -63,8 +63,9 @@ def blobs(
 @bench_app.command("transfer")
 def transfer(
     size_mib: Annotated[int, typer.Option(min=4, help="Adapter size in MiB.")] = 256,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats; best is kept.")] = 3,
 ) -> None:
     """Adapter upload/download through the real coordinator vs bare gRPC and raw TCP."""
     from fedpilot.bench import transfer as bench
 
-    _emit(bench.run(size_mib))
+    _emit(bench.run(size_mib, repeats))

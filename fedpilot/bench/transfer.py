@@ -176,21 +176,31 @@ def _tcp_rates(port: int, size: int) -> dict[str, float]:
 # -- the real path -------------------------------------------------------------------------
 
 
-def _coordinator_rates(work: Path, size_mib: int) -> tuple[dict[str, float], int, int]:
-    from fedpilot.worker.client import CoordinatorClient
+class _RealPath:
+    """A coordinator process and a registered test worker; one fresh job per measurement."""
 
-    shapes = _shapes(size_mib)
-    rng = np.random.default_rng(0)
-    update = flatten(
-        {
-            m: {p: rng.standard_normal(s, dtype=np.float32) for p, s in parts.items()}
-            for m, parts in shapes.items()
-        }
-    )
-    nbytes = sum(x.nbytes for x in update.values())
-    with LocalCluster(work / "cluster", log_level="warning") as cluster:
+    def __init__(self, cluster: LocalCluster, size_mib: int) -> None:
+        from fedpilot.worker.client import CoordinatorClient
+
+        self.cluster = cluster
+        self.shapes = _shapes(size_mib)
+        rng = np.random.default_rng(0)
+        self.update = flatten(
+            {
+                m: {p: rng.standard_normal(s, dtype=np.float32) for p, s in parts.items()}
+                for m, parts in self.shapes.items()
+            }
+        )
+        self.nbytes = sum(x.nbytes for x in self.update.values())
         address = cluster.start_coordinator(evaluate=False)
-        job_id = cluster.store.create_job(
+        self.client = CoordinatorClient(address, timeout_s=600)
+        self.client.register("bench", budget_bytes=1 << 50)
+        self.pid = cluster.processes["coordinator"].pid
+
+    def rates(self) -> dict[str, float]:
+        """Download version 0 and upload a full update of a new one-round job."""
+        client, store = self.client, self.cluster.store
+        job_id = store.create_job(
             "transfer",
             {
                 "rounds": 1,
@@ -200,8 +210,6 @@ def _coordinator_rates(work: Path, size_mib: int) -> tuple[dict[str, float], int
                 "ig_probe_batches": 0,
             },
         )
-        client = CoordinatorClient(address, timeout_s=600)
-        client.register("bench", budget_bytes=1 << 50)
         task = _poll(client, coordinator_pb2.TASK_KIND_PROFILE)
         client.report_profile(
             job_id,
@@ -210,13 +218,13 @@ def _coordinator_rates(work: Path, size_mib: int) -> tuple[dict[str, float], int
                 base_bytes=1,
                 layer_activation_bytes=[1],
                 budget_bytes=1 << 50,
-                modules=[profile_pb2.ModuleCost(name=m, layer=1, param_bytes=1) for m in shapes],
-                tensors=tensor_specs(update),
+                modules=[
+                    profile_pb2.ModuleCost(name=m, layer=1, param_bytes=1) for m in self.shapes
+                ],
+                tensors=tensor_specs(self.update),
             ),
         )
         task = _poll(client, coordinator_pb2.TASK_KIND_TRAIN)
-        pid = cluster.processes["coordinator"].pid
-        _reset_hwm(pid)
         start = time.perf_counter()
         _, adapter = client.download_adapter(job_id, task.adapter_version, max_bytes=1 << 40)
         t_down = time.perf_counter() - start
@@ -225,11 +233,15 @@ def _coordinator_rates(work: Path, size_mib: int) -> tuple[dict[str, float], int
             job_id=job_id, round=task.round, task_id=task.task_id, num_samples=1
         )
         start = time.perf_counter()
-        client.upload_update(manifest, update)
+        client.upload_update(manifest, self.update)
         t_up = time.perf_counter() - start
-        peak = _vm_hwm(pid)
-        client.close()
-    return {"download": nbytes / t_down / 1e6, "upload": nbytes / t_up / 1e6}, peak, nbytes
+        # Let the round aggregate before anything else is timed.
+        deadline = time.monotonic() + 600
+        while (job := store.job(job_id)) is not None and job.state != "done":
+            if job.state == "failed" or time.monotonic() > deadline:
+                raise RuntimeError(f"transfer job ended {job.state}: {job.error}")
+            time.sleep(0.2)
+        return {"download": self.nbytes / t_down / 1e6, "upload": self.nbytes / t_up / 1e6}
 
 
 def _poll(client: Any, kind: int) -> coordinator_pb2.Task:
@@ -241,26 +253,48 @@ def _poll(client: Any, kind: int) -> coordinator_pb2.Task:
     raise RuntimeError("the coordinator offered no task")
 
 
-def run(size_mib: int = 256) -> Iterator[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="bench-transfer-", dir=".") as tmp:
-        ours, peak, nbytes = _coordinator_rates(Path(tmp), size_mib)
-    g_port, t_port = _free_port(), _free_port()
-    grpc_proc, tcp_proc = _spawn("serve-grpc", g_port, nbytes), _spawn("serve-tcp", t_port, nbytes)
-    try:
-        bare, tcp = _grpc_rates(g_port, nbytes), _tcp_rates(t_port, nbytes)
-    finally:
-        grpc_proc.kill()
-        tcp_proc.kill()
+def _best(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {d: max(r[d] for r in runs) for d in ("upload", "download")}
+
+
+def run(size_mib: int = 256, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """Each repeat measures the three paths back to back, so a busy machine slows all of
+    them alike; the best of ``repeats`` is reported for each."""
+    ours: list[dict[str, float]] = []
+    bare: list[dict[str, float]] = []
+    tcp: list[dict[str, float]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-transfer-", dir=".") as tmp,
+        LocalCluster(Path(tmp) / "cluster", log_level="warning") as cluster,
+    ):
+        real = _RealPath(cluster, size_mib)
+        nbytes = real.nbytes
+        g_port, t_port = _free_port(), _free_port()
+        grpc_proc = _spawn("serve-grpc", g_port, nbytes)
+        tcp_proc = _spawn("serve-tcp", t_port, nbytes)
+        try:
+            _reset_hwm(real.pid)
+            for _ in range(repeats):
+                ours.append(real.rates())
+                bare.append(_grpc_rates(g_port, nbytes))
+                tcp.append(_tcp_rates(t_port, nbytes))
+            peak = _vm_hwm(real.pid)
+        finally:
+            real.client.close()
+            grpc_proc.kill()
+            tcp_proc.kill()
+    best_ours, best_bare, best_tcp = _best(ours), _best(bare), _best(tcp)
     for direction in ("upload", "download"):
         yield {
             "bench": "transfer",
             "direction": direction,
             "bytes": nbytes,
-            "mb_per_s": round(ours[direction], 1),
-            "grpc_mb_per_s": round(bare[direction], 1),
-            "tcp_mb_per_s": round(tcp[direction], 1),
-            "ratio_to_grpc": round(ours[direction] / bare[direction], 3),
-            "ratio_to_tcp": round(ours[direction] / tcp[direction], 3),
+            "repeats": repeats,
+            "mb_per_s": round(best_ours[direction], 1),
+            "grpc_mb_per_s": round(best_bare[direction], 1),
+            "tcp_mb_per_s": round(best_tcp[direction], 1),
+            "ratio_to_grpc": round(best_ours[direction] / best_bare[direction], 3),
+            "ratio_to_tcp": round(best_ours[direction] / best_tcp[direction], 3),
             "coordinator_peak_rss_bytes": peak,
         }
 

@@ -8,6 +8,7 @@ stay thin and agree by construction.
 from fedpilot.wire.errors import WireError, error_detail_from_rpc_error, rich_status
 from fedpilot.wire.payload import (
     MAX_CHUNK_BYTES,
+    EncodedPayload,
     PayloadReceiver,
     decode_tensors,
     encode_tensors,
@@ -17,6 +18,7 @@ from fedpilot.wire.serde import memory_from_proto, memory_to_proto
 
 __all__ = [
     "MAX_CHUNK_BYTES",
+    "EncodedPayload",
     "PayloadReceiver",
     "WireError",
     "decode_tensors",

@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,36 @@ def test_garbage_bytes_are_malformed() -> None:
     with pytest.raises(WireError) as e:
         _receive(data, manifest)
     assert _reason(e) == "ERROR_REASON_MALFORMED"
+
+
+def test_encoding_is_standard_safetensors() -> None:
+    """The hand-written encoder produces files the reference implementation reads."""
+    from safetensors.numpy import load
+
+    tensors = {
+        **_tensors(),
+        "half/lora_A": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "odd/lora_B": np.ones((3, 1), dtype=np.float32),
+        "zero/x": np.zeros((0, 4), dtype=np.float32),
+        "fortran/y": np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
+    }
+    data, manifest = encode_tensors(tensors)
+    loaded = load(bytes(data))
+    assert set(loaded) == set(tensors)
+    for name, x in tensors.items():
+        assert loaded[name].dtype == x.dtype and np.array_equal(loaded[name], x), name
+    assert int.from_bytes(data[:8], "little") % 8 == 0  # header padded as the format asks
+    assert _receive(data, manifest).keys() == tensors.keys()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_streamed_chunks_equal_the_encoded_bytes(chunk: int) -> None:
+    from fedpilot.wire.payload import EncodedPayload
+
+    tensors = {**_tensors(), "half/lora_A": np.arange(6, dtype=np.float16).reshape(2, 3)}
+    payload = EncodedPayload(tensors)
+    pieces = list(payload.chunks(chunk))
+    assert all(len(p) == chunk for p in pieces[:-1]) and 0 < len(pieces[-1]) <= chunk
+    joined = b"".join(pieces)
+    assert joined == bytes(payload.to_bytes()) and len(joined) == payload.total_bytes
+    assert hashlib.sha256(joined).hexdigest() == payload.sha256
