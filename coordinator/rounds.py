@@ -35,7 +35,7 @@ from fedpilot.core.ig_score import combine, global_scores
 from fedpilot.core.initial import initial_adapter
 from fedpilot.core.memory import WorkerProfile, memory_from_json
 from fedpilot.core.strategies import Client, assign
-from fedpilot.wire.payload import decode_tensors, encode_tensors
+from fedpilot.wire.payload import EncodedPayload, decode_tensors
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,13 @@ class RoundDriver:
         if self.store.latest_version(job.id) is not None:
             return
         modules = unflatten_shapes(shapes)
-        data, _ = encode_tensors(flatten(initial_adapter(modules, seed=spec.seed)))
-        sha, size = self.blobs.put_bytes(data)
+        sha, size = self._store_adapter(flatten(initial_adapter(modules, seed=spec.seed)))
         self.store.commit_version(job.id, version=0, round_number=0, sha256=sha, byte_count=size)
+
+    def _store_adapter(self, tensors: Mapping[str, np.ndarray]) -> tuple[str, int]:
+        """Stream an adapter into the blob store chunk by chunk (no second full copy)."""
+        payload = EncodedPayload(tensors)
+        return self.blobs.put(payload.chunks(), expected_sha256=payload.sha256)
 
     def _global_shapes(self, job: Job) -> dict[str, list[int]]:
         version = self.store.latest_version(job.id)
@@ -328,8 +332,7 @@ class RoundDriver:
             weighted["after"] += u.loss_after * u.num_samples
             weighted["n"] += u.num_samples
         result = aggregator.result()
-        data, _ = encode_tensors(flatten(result.modules))
-        sha, size = self.blobs.put_bytes(data)
+        sha, size = self._store_adapter(flatten(result.modules))
         seconds = time.perf_counter() - start
         tasks = self.store.tasks(job.id, number, "train")
         n = max(1, int(weighted["n"]))

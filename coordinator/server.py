@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from fedpilot.coordinator import metrics
 from fedpilot.coordinator.api.deps import ApiContext
 from fedpilot.coordinator.api.http import HttpServer
 from fedpilot.coordinator.db.blobs import BlobStore
@@ -68,9 +71,7 @@ def start(
             ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
         ],
     )
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-        CoordinatorService(store, blobs, settings, tasks_ready), server
-    )
+    _add_servicer(CoordinatorService(store, blobs, settings, tasks_ready), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -148,3 +149,47 @@ def _start_http(settings: CoordinatorSettings, store: Store, blobs: BlobStore) -
         "bearer token required" if settings.api_token.get_secret_value() else "no token: loopback",
     )
     return http
+
+
+class _HandlerCapture:
+    """Stands in for the server while the generated code registers its handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def _counting(method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:
+            # grpc answers INTERNAL before any handler runs; count it and say what it was.
+            metrics.REJECTIONS.labels(reason="ERROR_REASON_MALFORMED").inc()
+            log.info(
+                "rejected %s: %d bytes that are not a valid request message", method, len(data)
+            )
+            raise
+
+    return deserialize
+
+
+def _add_servicer(servicer: CoordinatorService, server: grpc.Server) -> None:
+    """Register the servicer with request parsing that counts malformed protobuf bytes."""
+    capture = _HandlerCapture()
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, capture)
+    handlers = {
+        name: handler._replace(  # type: ignore[attr-defined]
+            request_deserializer=_counting(name, handler.request_deserializer)
+        )
+        for name, handler in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -24,6 +24,7 @@ from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Task, Update, Worker
 from fedpilot.coordinator.db.store import AuthError, Store
 from fedpilot.coordinator.jobspec import JobSpec
+from fedpilot.coordinator.ratelimit import TokenBucket
 from fedpilot.coordinator.settings import CoordinatorSettings
 from fedpilot.core.aggregation import SEPARATOR
 from fedpilot.core.memory import memory_to_json
@@ -35,7 +36,7 @@ from fedpilot.v1 import (
     transfer_pb2,
 )
 from fedpilot.wire import MAX_CHUNK_BYTES, PayloadReceiver, WireError, rich_status
-from fedpilot.wire.payload import Buffer, decode_tensors, tensor_specs
+from fedpilot.wire.payload import Buffer, decode_tensors, dtype_name, tensor_specs
 from fedpilot.wire.serde import memory_from_proto
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.blobs = blobs
         self.settings = settings
         self.tasks_ready = tasks_ready
+        self.registrations = TokenBucket(settings.registrations_per_s, settings.registration_burst)
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
 
     # -- helpers -----------------------------------------------------------------------------
@@ -205,6 +207,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def Register(
         self, request: coordinator_pb2.RegisterRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.RegisterResponse:
+        if not self.registrations.take():
+            self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_RATE_LIMITED,
+                    f"too many registrations (at most {self.settings.registrations_per_s:g}/s "
+                    "sustained); retry later",
+                    "name",
+                ),
+            )
         secret = self.settings.enrollment_secret.get_secret_value()
         if secret and not hmac.compare_digest(secret, request.enrollment_secret):
             self._reject(
@@ -527,7 +539,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             if spec.dtype != transfer_pb2.DTYPE_F32:
                 raise _error(
                     errors_pb2.ERROR_REASON_DTYPE_MISMATCH,
-                    f"{name!r} must be float32, got {transfer_pb2.DType.Name(spec.dtype)}",
+                    f"{name!r} must be float32, got {dtype_name(spec.dtype)}",
                     name,
                 )
 

@@ -22,6 +22,10 @@ class CoordinatorSettings(BaseSettings):
     heartbeat_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
     enrollment_secret: SecretStr = SecretStr("")
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 1 << 30
+    registrations_per_s: Annotated[float, Field(gt=0, le=1e6)] = 50.0
+    """Sustained registration rate; beyond it Register answers RESOURCE_EXHAUSTED."""
+    registration_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
+    """Registrations accepted at once (a whole fleet starting together)."""
     max_poll_wait_ms: Annotated[int, Field(ge=0, le=120_000)] = 20_000
     tick_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
     metrics_port: Annotated[int | None, Field(ge=0, le=65535)] = None

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,39 @@ def _vm_hwm(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    """Resident bytes; ``RssAnon`` counts heap only, without file pages mapped for reading."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class _RssSampler:
+    """Peak resident memory of a process while a block runs (sampled every 5 ms): the
+    transfer's own footprint, apart from the aggregation that follows an upload."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.peak_anon = pid, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss(self.pid))
+            self.peak_anon = max(self.peak_anon, _rss(self.pid, "RssAnon"))
+
+    def __enter__(self) -> _RssSampler:
+        self.peak = _rss(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss(self.pid))
 
 
 def _reset_hwm(pid: int) -> None:
@@ -196,6 +230,8 @@ class _RealPath:
         self.client = CoordinatorClient(address, timeout_s=600)
         self.client.register("bench", budget_bytes=1 << 50)
         self.pid = cluster.processes["coordinator"].pid
+        self.idle_rss, self.idle_anon = _rss(self.pid), _rss(self.pid, "RssAnon")
+        self.transfer_rss = self.transfer_anon = 0
 
     def rates(self) -> dict[str, float]:
         """Download version 0 and upload a full update of a new one-round job."""
@@ -225,16 +261,20 @@ class _RealPath:
             ),
         )
         task = _poll(client, coordinator_pb2.TASK_KIND_TRAIN)
-        start = time.perf_counter()
-        _, adapter = client.download_adapter(job_id, task.adapter_version, max_bytes=1 << 40)
-        t_down = time.perf_counter() - start
+        with _RssSampler(self.pid) as down_rss:
+            start = time.perf_counter()
+            _, adapter = client.download_adapter(job_id, task.adapter_version, max_bytes=1 << 40)
+            t_down = time.perf_counter() - start
         del adapter
         manifest = transfer_pb2.UpdateManifest(
             job_id=job_id, round=task.round, task_id=task.task_id, num_samples=1
         )
-        start = time.perf_counter()
-        client.upload_update(manifest, self.update)
-        t_up = time.perf_counter() - start
+        with _RssSampler(self.pid) as up_rss:
+            start = time.perf_counter()
+            client.upload_update(manifest, self.update)
+            t_up = time.perf_counter() - start
+        self.transfer_rss = max(self.transfer_rss, down_rss.peak, up_rss.peak)
+        self.transfer_anon = max(self.transfer_anon, down_rss.peak_anon, up_rss.peak_anon)
         # Let the round aggregate before anything else is timed.
         deadline = time.monotonic() + 600
         while (job := store.job(job_id)) is not None and job.state != "done":
@@ -295,7 +335,11 @@ def run(size_mib: int = 256, repeats: int = 3) -> Iterator[dict[str, Any]]:
             "tcp_mb_per_s": round(best_tcp[direction], 1),
             "ratio_to_grpc": round(best_ours[direction] / best_bare[direction], 3),
             "ratio_to_tcp": round(best_ours[direction] / best_tcp[direction], 3),
-            "coordinator_peak_rss_bytes": peak,
+            "coordinator_peak_rss_bytes": real.transfer_rss,
+            "coordinator_rss_before_bytes": real.idle_rss,
+            "coordinator_peak_anon_bytes": real.transfer_anon,
+            "coordinator_anon_before_bytes": real.idle_anon,
+            "coordinator_peak_rss_with_aggregation_bytes": peak,
         }
 
 

@@ -13,6 +13,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_UNKNOWN_WORKER: _ClassVar[ErrorReason]
     ERROR_REASON_BAD_TOKEN: _ClassVar[ErrorReason]
     ERROR_REASON_ENROLLMENT_REFUSED: _ClassVar[ErrorReason]
+    ERROR_REASON_RATE_LIMITED: _ClassVar[ErrorReason]
     ERROR_REASON_UNKNOWN_JOB: _ClassVar[ErrorReason]
     ERROR_REASON_WRONG_ROUND: _ClassVar[ErrorReason]
     ERROR_REASON_NOT_ASSIGNED: _ClassVar[ErrorReason]
@@ -36,6 +37,7 @@ ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_UNKNOWN_WORKER: ErrorReason
 ERROR_REASON_BAD_TOKEN: ErrorReason
 ERROR_REASON_ENROLLMENT_REFUSED: ErrorReason
+ERROR_REASON_RATE_LIMITED: ErrorReason
 ERROR_REASON_UNKNOWN_JOB: ErrorReason
 ERROR_REASON_WRONG_ROUND: ErrorReason
 ERROR_REASON_NOT_ASSIGNED: ErrorReason

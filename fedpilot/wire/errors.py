@@ -17,6 +17,7 @@ _CODES: dict[int, grpc.StatusCode] = {
     errors_pb2.ERROR_REASON_UNKNOWN_WORKER: grpc.StatusCode.UNAUTHENTICATED,
     errors_pb2.ERROR_REASON_BAD_TOKEN: grpc.StatusCode.UNAUTHENTICATED,
     errors_pb2.ERROR_REASON_ENROLLMENT_REFUSED: grpc.StatusCode.PERMISSION_DENIED,
+    errors_pb2.ERROR_REASON_RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors_pb2.ERROR_REASON_UNKNOWN_JOB: grpc.StatusCode.NOT_FOUND,
     errors_pb2.ERROR_REASON_UNKNOWN_ADAPTER_VERSION: grpc.StatusCode.NOT_FOUND,
     errors_pb2.ERROR_REASON_WRONG_ROUND: grpc.StatusCode.FAILED_PRECONDITION,

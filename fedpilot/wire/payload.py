@@ -37,6 +37,14 @@ _DTYPES = {
 _NUMPY = {v: k for k, v in _DTYPES.items()}
 
 
+def dtype_name(value: int) -> str:
+    """The enum name of a wire dtype, or the number a sender made up (never raises)."""
+    try:
+        return str(transfer_pb2.DType.Name(value))
+    except ValueError:
+        return f"unknown dtype {value}"
+
+
 def tensor_specs(tensors: Mapping[str, np.ndarray]) -> list[transfer_pb2.TensorSpec]:
     """Manifest entries for ``tensors`` (float32/float16 only), sorted by name."""
     specs = []
@@ -335,7 +343,7 @@ def check_tensors(
             raise WireError(
                 errors_pb2.ERROR_REASON_DTYPE_MISMATCH,
                 f"tensor {name!r} has dtype {x.dtype}, manifest says "
-                f"{transfer_pb2.DType.Name(spec.dtype)}",
+                f"{dtype_name(spec.dtype)}",
                 name,
             )
         if not np.isfinite(x).all():
