@@ -86,6 +86,16 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+INT32 = 2**31
+"""Round and version numbers are INTEGER columns; a larger number from a request is unknown."""
+
+
+def plausible_id(value: str) -> bool:
+    """Ids are UUIDs: anything long or holding NUL (which PostgreSQL text refuses) is unknown
+    without asking the database."""
+    return 0 < len(value) <= 36 and "\x00" not in value
+
+
 def hash_token(token: str) -> str:
     """Tokens are 256-bit random strings, so one SHA-256 suffices (no password stretching)."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -140,7 +150,7 @@ class Store:
     @retrying
     def authenticate(self, worker_id: str, token: str) -> Worker:
         with self.session() as s:
-            worker = s.get(Worker, worker_id)
+            worker = s.get(Worker, worker_id) if plausible_id(worker_id) else None
         expected = worker.token_hash if worker is not None else hash_token(secrets.token_hex(8))
         if not hmac.compare_digest(expected, hash_token(token)) or worker is None:
             raise AuthError("unknown worker or bad token")
@@ -179,6 +189,8 @@ class Store:
 
     @retrying
     def job(self, job_id: str) -> Job | None:
+        if not plausible_id(job_id):
+            return None
         with self.session() as s:
             return s.get(Job, job_id)
 
@@ -300,6 +312,8 @@ class Store:
 
     @retrying
     def task(self, task_id: str) -> Task | None:
+        if not plausible_id(task_id):
+            return None
         with self.session() as s:
             return s.get(Task, task_id)
 
@@ -409,8 +423,10 @@ class Store:
         with self.session() as s, s.begin():
             s.add(
                 Rejection(
-                    job_id=job_id,
-                    round=round_number,
+                    job_id=job_id if job_id is None or plausible_id(job_id) else None,
+                    round=round_number
+                    if round_number is not None and 0 <= round_number < INT32
+                    else None,
                     worker_id=worker_id,
                     reason=reason,
                     message=message[:2000],
@@ -440,6 +456,8 @@ class Store:
 
     @retrying
     def version(self, job_id: str, version: int) -> AdapterVersion | None:
+        if not plausible_id(job_id) or not 0 <= version < INT32:
+            return None
         with self.session() as s:
             return s.get(AdapterVersion, (job_id, version))
 

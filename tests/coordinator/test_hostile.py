@@ -159,3 +159,41 @@ def test_fuzzed_manifests_and_payloads_are_refused_without_a_trace(
     detail = error_detail_from_rpc_error(e.value)
     assert detail is not None and detail.reason != 0 and detail.message
     assert store.updates(job_id, task.round) == []
+
+
+def test_absurd_ids_and_numbers_get_clean_refusals(round_ready) -> None:  # noqa: F811
+    """NUL bytes, overlong ids and numbers beyond the database's integers are answered with
+    a reason, on PostgreSQL as on SQLite, never with an internal error."""
+    store, client, job_id, task = round_ready
+    good = _tensors(["head"])
+    for bad_job in ("\x00" * 8, "j" * 500):
+        assert (
+            _reason(lambda bad_job=bad_job: client.download_adapter(bad_job, 0))
+            == "ERROR_REASON_UNKNOWN_ADAPTER_VERSION"
+        )
+    assert (
+        _reason(lambda: client.download_adapter(job_id, 2**40))
+        == "ERROR_REASON_UNKNOWN_ADAPTER_VERSION"
+    )
+    for bad_task in ("\x00", "t" * 500):
+        assert (
+            _reason(
+                lambda bad_task=bad_task: client.upload_update(
+                    _manifest(task, task_id=bad_task), good
+                )
+            )
+            == "ERROR_REASON_NOT_ASSIGNED"
+        )
+    assert (
+        _reason(lambda: client.upload_update(_manifest(task, round=2**40), good))
+        == "ERROR_REASON_WRONG_ROUND"
+    )
+    stranger = CoordinatorClient(client.target)
+    for bad_worker in ("\x00", "w" * 500):
+        stranger.authenticate(bad_worker, "token")
+        assert _reason(stranger.heartbeat) in {
+            "ERROR_REASON_BAD_TOKEN",
+            "ERROR_REASON_UNKNOWN_WORKER",
+        }
+    stranger.close()
+    assert store.updates(job_id, task.round) == []
