@@ -138,6 +138,9 @@ def demo(
         "./data/demo"
     ),
     database_url: Annotated[str, typer.Option(envvar="FEDPILOT_DATABASE_URL")] = "",
+    http_port: Annotated[
+        int, typer.Option(help="Dashboard and REST API port (0 = any free; busy = any free).")
+    ] = 8080,
 ) -> None:
     """Run a federated fine-tuning job on a local cluster of processes (Ctrl-C stops all)."""
     from fedpilot.demo import DEFAULT_DATASET, DemoConfig, run_demo
@@ -153,6 +156,7 @@ def demo(
         local_steps=local_steps,
         out=out,
         database_url=database_url,
+        http_port=http_port,
     )
     try:
         run_demo(config)

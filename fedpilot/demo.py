@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class DemoConfig:
     lora_rank: int = 8
     out: Path = Path("./data/demo")
     database_url: str = ""
+    http_port: int = 8080
     seed: int = 0
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
@@ -108,6 +110,18 @@ def _profile(config: DemoConfig, num_labels: int) -> MemoryModel:
     spec = _model_spec(config, num_labels)
     model = load_model(spec, seed=config.seed)
     return profile_memory(model, dummy_batch(model, config.batch_size, config.max_seq_len))
+
+
+def _free_or_any(port: int) -> int:
+    """``port`` if nothing listens there, else 0 (the coordinator picks a free one)."""
+    if port == 0:
+        return 0
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
 
 
 def _mib(n: float) -> str:
@@ -178,8 +192,12 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, ob
 
     cluster = LocalCluster(out / "cluster", db_url=config.database_url)
     try:
-        address = cluster.start_coordinator(job=job_file)
+        address = cluster.start_coordinator(job=job_file, http_port=_free_or_any(config.http_port))
         console.print(f"coordinator on {address} (gRPC); logs in {cluster.work_dir}")
+        console.print(
+            f"dashboard: [bold]{cluster.http_url}/[/bold]  (REST API {cluster.http_url}/api/v1, "
+            f"metrics {cluster.http_url}/metrics)"
+        )
         for i, (path, budget) in enumerate(zip(files, budgets, strict=True)):
             tier = f"{int(TIERS[i % len(TIERS)] * 100)}%"
             cluster.start_worker(f"worker{i}", path, budget, {"tier": tier})

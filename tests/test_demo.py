@@ -36,6 +36,8 @@ def test_demo_runs_a_federated_job_and_writes_a_loadable_adapter(tmp_path: Path)
             str(tmp_path),
             "--dataset",
             str(DEFAULT_DATASET),
+            "--http-port",
+            "0",
         ],
         capture_output=True,
         text=True,
@@ -53,6 +55,7 @@ def test_demo_runs_a_federated_job_and_writes_a_loadable_adapter(tmp_path: Path)
     for w in summary["workers"]:
         assert w["predicted_bytes"] <= w["budget_bytes"]
     assert "Rounds" in result.stdout and "final PEFT adapter" in result.stdout
+    assert "dashboard: http://127.0.0.1:" in result.stdout
 
     from fedpilot.worker.model import ModelSpec, load_model
 
