@@ -1,0 +1,1 @@
+"""The operator dashboard the coordinator serves at ``/`` (see ``routes.router``)."""
