@@ -28,25 +28,41 @@ def _wait_for_signal() -> None:
 
 
 def coordinator(
-    data_dir: Annotated[Path, typer.Option(help="Blobs and the embedded SQLite database.")] = Path(
-        "./data/coordinator"
-    ),
+    data_dir: Annotated[
+        Path,
+        typer.Option(envvar="FEDPILOT_DATA_DIR", help="Blobs and the embedded SQLite database."),
+    ] = Path("./data/coordinator"),
     database_url: Annotated[
         str, typer.Option(envvar="FEDPILOT_DATABASE_URL", help="PostgreSQL URL; empty = SQLite.")
     ] = "",
-    host: Annotated[str, typer.Option(help="gRPC bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="gRPC port (0 = any free port).")] = 50051,
+    host: Annotated[str, typer.Option(envvar="FEDPILOT_GRPC_HOST", help="gRPC bind address.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[
+        int, typer.Option(envvar="FEDPILOT_GRPC_PORT", help="gRPC port (0 = any free port).")
+    ] = 50051,
     job: Annotated[Path | None, typer.Option(help="Submit this job spec (JSON) at start.")] = None,
     evaluate: Annotated[bool, typer.Option(help="Evaluate rounds on the job's eval set.")] = True,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Also serve Prometheus /metrics on this separate port.")
+        int | None,
+        typer.Option(
+            envvar="FEDPILOT_METRICS_PORT", help="Also serve Prometheus /metrics on this port."
+        ),
     ] = None,
     http_host: Annotated[
-        str, typer.Option(help="REST API / dashboard bind address (loopback only without a token).")
+        str,
+        typer.Option(
+            envvar="FEDPILOT_HTTP_HOST",
+            help="REST API / dashboard bind address (loopback only without a token).",
+        ),
     ] = "127.0.0.1",
     http_port: Annotated[
-        int, typer.Option(help="REST API, dashboard and /metrics port (0 = any free, -1 = off).")
+        int,
+        typer.Option(
+            envvar="FEDPILOT_HTTP_PORT",
+            help="REST API, dashboard and /metrics port (0 = any free, -1 = off).",
+        ),
     ] = 8080,
     http_port_file: Annotated[
         Path | None, typer.Option(help="Write the bound HTTP port here.")
@@ -60,6 +76,20 @@ def coordinator(
             envvar="FEDPILOT_ENROLLMENT_SECRET", help="Workers must present it to register."
         ),
     ] = "",
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(envvar="FEDPILOT_TLS_CERT", help="PEM certificate: TLS on gRPC and HTTP."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(envvar="FEDPILOT_TLS_KEY", help="PEM key of --tls-cert.")
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FEDPILOT_TLS_CLIENT_CA",
+            help="Require worker certificates signed by this CA (mutual TLS).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run the coordinator: migrate the database, serve gRPC and HTTP, drive rounds."""
@@ -68,17 +98,24 @@ def coordinator(
     from fedpilot.coordinator.settings import CoordinatorSettings
 
     _logging(log_level)
-    settings = CoordinatorSettings(
-        data_dir=data_dir,
-        database_url=database_url,
-        grpc_host=host,
-        grpc_port=port,
-        metrics_port=metrics_port,
-        http_host=http_host,
-        http_port=None if http_port < 0 else http_port,
-        api_token=api_token,
-        enrollment_secret=enrollment_secret,
-    )
+    try:
+        settings = CoordinatorSettings(
+            data_dir=data_dir,
+            database_url=database_url,
+            grpc_host=host,
+            grpc_port=port,
+            metrics_port=metrics_port,
+            http_host=http_host,
+            http_port=None if http_port < 0 else http_port,
+            api_token=api_token,
+            enrollment_secret=enrollment_secret,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+        )
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
     evaluator = None
     if evaluate:
         from fedpilot.coordinator.evaluation import HeldOutEvaluator
@@ -98,7 +135,13 @@ def coordinator(
 
 
 def worker(
-    data: Annotated[Path, typer.Option(help="This worker's training data (CSV: text,label).")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="This worker's training data: a .csv or .jsonl file, or a directory "
+            "written by datasets' save_to_disk."
+        ),
+    ],
     coordinator: Annotated[str, typer.Option(help="Coordinator gRPC address.")] = "127.0.0.1:50051",
     name: Annotated[str, typer.Option(help="Display name.")] = "worker",
     memory_budget: Annotated[
@@ -116,6 +159,16 @@ def worker(
         float | None, typer.Option(help="Dirichlet label skew of --partition (omit = IID).")
     ] = None,
     partition_seed: Annotated[int, typer.Option()] = 0,
+    text_column: Annotated[
+        str | None, typer.Option(help="Text column/key (default: text, sentence or content).")
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option(help="Label column/key (default: label, category, intent or class)."),
+    ] = None,
+    skip_unknown_labels: Annotated[
+        bool, typer.Option(help="Leave out examples whose label the job does not list.")
+    ] = False,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run a worker: register, then profile and train what the coordinator assigns."""
@@ -143,11 +196,16 @@ def worker(
             partition=part,
             partition_alpha=partition_alpha,
             partition_seed=partition_seed,
+            text_column=text_column,
+            label_column=label_column,
+            skip_unknown_labels=skip_unknown_labels,
         )
         service = WorkerService(settings)
+        examples = service.check_data()
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
+    logging.getLogger("fedpilot").info("%s: %d examples", data, examples)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop.set())
     service.run()

@@ -10,6 +10,7 @@ uploaded (the coordinator treats the worker as a straggler).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 from collections.abc import Callable, Mapping
@@ -91,6 +92,12 @@ class WorkerSettings:
     partition_alpha: float | None = None
     """Dirichlet label skew of the partition; None = IID."""
     partition_seed: int = 0
+    text_column: str | None = None
+    """Column (CSV, datasets) or key (JSON Lines) of the text; None = ``text``, ``sentence``..."""
+    label_column: str | None = None
+    """Column or key of the label; None = ``label``, ``category``, ``intent`` or ``class``."""
+    skip_unknown_labels: bool = False
+    """Leave out examples whose label is not among the job's classes instead of refusing."""
     threads: int = 0
     """torch intra-op threads; 0 = torch's default. Several workers on one machine
     must share its cores, or OpenMP threads spin against each other."""
@@ -108,7 +115,9 @@ class WorkerService:
         self.task_id = ""
         self.abandon = threading.Event()
         self._models: dict[str, Any] = {}
-        self._data: dict[str, Any] = {}
+        self._data: dict[Any, Any] = {}
+        self._examples: Any = None
+        self._datasets: dict[Any, Any] = {}
         if settings.threads:
             import torch
 
@@ -191,6 +200,17 @@ class WorkerService:
             except WireError as e:
                 log.warning("refusing task %s: %s", task.task_id, e.message)
                 self.call(lambda t=task.task_id, e=e: self.client.refuse_task(t, e))
+            except grpc.RpcError as e:
+                # The coordinator refused a call of this task (e.g. a profile reported after
+                # its round had moved on): that ends the task, not the worker.
+                if self.stop.is_set():
+                    break
+                detail = error_detail_from_rpc_error(e)
+                log.warning(
+                    "task %s refused by the coordinator: %s",
+                    task.task_id,
+                    detail.message if detail else e.code(),  # type: ignore[attr-defined]
+                )
             finally:
                 self.task_id, self.state = "", coordinator_pb2.WORKER_STATE_IDLE
         self.client.close()
@@ -226,33 +246,60 @@ class WorkerService:
                 ) from e
         return self._models[key]
 
+    def check_data(self) -> int:
+        """Read the data file once, so that a missing file, an unknown format, a missing
+        column, a bad line or an empty file stops the worker before it registers.
+        Labels are checked against each job's classes when its first task arrives."""
+        from fedpilot.worker.data import read_examples
+
+        if self._examples is None:
+            self._examples = read_examples(
+                self.settings.data,
+                text_column=self.settings.text_column,
+                label_column=self.settings.label_column,
+            )
+        return len(self._examples)
+
+    def _dataset(self, config: coordinator_pb2.JobConfig) -> Any:
+        """This worker's examples with the job's class ids (and its partition, if any).
+
+        Bad data is refused as MALFORMED with the reason, before any profiling or training."""
+        from fedpilot.worker.data import partition, to_dataset
+
+        key = (tuple(config.label_names), config.num_labels)
+        if key not in self._datasets:
+            try:
+                self.check_data()
+                data = to_dataset(
+                    self._examples,
+                    label_names=list(config.label_names) or None,
+                    num_labels=config.num_labels,
+                    skip_unknown_labels=self.settings.skip_unknown_labels,
+                )
+                if self.settings.partition is not None:
+                    index, count = self.settings.partition
+                    data = partition(
+                        data,
+                        index,
+                        count,
+                        alpha=self.settings.partition_alpha,
+                        seed=self.settings.partition_seed,
+                    )
+            except ValueError as e:
+                log.error("cannot train on %s: %s", self.settings.data, e)
+                raise WireError(errors_pb2.ERROR_REASON_MALFORMED, str(e), "data") from e
+            self._datasets = {key: data}
+        return self._datasets[key]
+
     def _batches(self, config: coordinator_pb2.JobConfig, tokenizer_spec: Any) -> list[Any]:
-        from fedpilot.worker.data import load_csv, make_batches
+        from fedpilot.worker.data import make_batches
         from fedpilot.worker.model import load_tokenizer
 
-        key = (config.batch_size, config.max_seq_len, tuple(config.label_names))
+        key = (config.batch_size, config.max_seq_len, tuple(config.label_names), config.num_labels)
         if key not in self._data:
-            data = load_csv(self.settings.data, label_names=list(config.label_names) or None)
-            if self.settings.partition is not None:
-                from fedpilot.worker.data import partition
-
-                index, count = self.settings.partition
-                data = partition(
-                    data,
-                    index,
-                    count,
-                    alpha=self.settings.partition_alpha,
-                    seed=self.settings.partition_seed,
-                )
-            if len(data) == 0:
-                raise WireError(
-                    errors_pb2.ERROR_REASON_MALFORMED,
-                    f"{self.settings.data}: no examples with the job's labels",
-                    "data",
-                )
             self._data = {
                 key: make_batches(
-                    data,
+                    self._dataset(config),
                     load_tokenizer(tokenizer_spec),
                     batch_size=config.batch_size,
                     max_seq_len=config.max_seq_len,
@@ -265,6 +312,7 @@ class WorkerService:
         from fedpilot.worker.profiling import dummy_batch, profile_memory
 
         self.state = coordinator_pb2.WORKER_STATE_PROFILING
+        self._dataset(task.config)  # a worker that cannot train on its data does not profile
         spec, model = self._model(task.config)
         memory = profile_memory(model, dummy_batch(model, spec.batch_size, spec.max_seq_len))
         shapes = tensor_specs(flatten(get_module_state(model)))
@@ -290,6 +338,7 @@ class WorkerService:
         from fedpilot.worker.scoring import local_ig_scores
         from fedpilot.worker.training import train
 
+        self._dataset(task.config)
         if task.predicted_peak_bytes > self.budget:
             raise WireError(
                 errors_pb2.ERROR_REASON_BUDGET_EXCEEDED,
@@ -304,6 +353,7 @@ class WorkerService:
         )
         load_module_state(model, unflatten(tensors))
         batches = self._batches(config, spec)
+        _fault_hold_training(self.stop)
         scores: Mapping[str, float] = {}
         if config.ig_probe_batches:
             scores = local_ig_scores(
@@ -358,3 +408,13 @@ class WorkerService:
             result.loss_after,
             " (duplicate)" if reply.duplicate else "",
         )
+
+
+def _fault_hold_training(stop: threading.Event) -> None:
+    """Test-only fault injection, off by default: with ``FEDPILOT_FAULT_TRAIN_DELAY_S`` set,
+    hold each training task that long (in the TRAINING state) before training, so a test
+    can kill the worker mid-training deterministically."""
+    delay = float(os.environ.get("FEDPILOT_FAULT_TRAIN_DELAY_S") or 0)
+    if delay > 0:
+        log.warning("fault injection: holding the training task for %.1fs", delay)
+        stop.wait(delay)
