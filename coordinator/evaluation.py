@@ -24,7 +24,7 @@ class HeldOutEvaluator:
 
     def _prepare(self, spec: JobSpec) -> tuple[Any, list[Any]]:
         from fedpilot.coordinator.export import model_spec
-        from fedpilot.worker.data import load_csv, make_batches
+        from fedpilot.worker.data import load_data, make_batches
         from fedpilot.worker.model import load_model, load_tokenizer
 
         key = spec.model_dump_json(
@@ -40,7 +40,12 @@ class HeldOutEvaluator:
         )
         if key not in self._cache:
             spec_of_model = model_spec(spec)
-            data = load_csv(spec.eval_dataset, label_names=spec.labels or None)
+            data = load_data(
+                spec.eval_dataset,
+                label_names=spec.labels or None,
+                num_labels=spec.num_labels,
+                skip_unknown_labels=True,
+            )
             if len(data) > self.max_examples:
                 rng = np.random.default_rng(0)
                 keep = sorted(rng.choice(len(data), self.max_examples, replace=False).tolist())

@@ -82,6 +82,14 @@ class JobSpec(BaseModel):
         float, Field(gt=0, le=1, description="Share of participants needed at the deadline.")
     ] = 0.5
     round_deadline_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 600.0
+    profile_deadline_s: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=7 * 24 * 3600,
+            description="Time for a worker's first profile (model download and load included).",
+        ),
+    ] = 300.0
     local_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 20
     local_epochs: Annotated[int, Field(ge=0, le=1000, description="0 = use local_steps.")] = 0
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 16

@@ -110,7 +110,7 @@ class RoundDriver:
             return
         profiles = self.store.profiles(job.id)
         missing = [w for w in participants if w.id not in profiles]
-        deadline = utcnow() + timedelta(seconds=spec.round_deadline_s)
+        deadline = utcnow() + timedelta(seconds=spec.profile_deadline_s)
         if not missing:
             self._assign(job, spec, number, [w.id for w in participants])
             return
@@ -145,7 +145,9 @@ class RoundDriver:
         tasks = self.store.tasks(job.id, number, "profile")
         pending = [t for t in tasks if t.status == "offered"]
         if pending and utcnow() < rnd.deadline_at:
-            return
+            alive = {w.id for w in self.store.alive_workers(self.settings.heartbeat_timeout_s)}
+            if any(t.worker_id in alive for t in pending):
+                return  # a worker that died while profiling need not hold the round
         for t in pending:
             self.store.set_task_status(t.id, "straggler", "no profile before the deadline")
         profiles = self.store.profiles(job.id)
@@ -263,9 +265,16 @@ class RoundDriver:
         offered = [t for t in assigned if t.status == "offered"]
         done = [t for t in assigned if t.status == "done"]
         now = utcnow()
-        if offered and now < rnd.deadline_at:
-            return
         quorum = max(1, math.ceil(spec.quorum * len(assigned)))
+        if offered and now < rnd.deadline_at:
+            # Before the deadline the round closes early only when the quorum is in and
+            # every worker still training has stopped heartbeating: a crashed worker
+            # must not hold everyone until the deadline.
+            if len(done) < quorum:
+                return
+            alive = {w.id for w in self.store.alive_workers(self.settings.heartbeat_timeout_s)}
+            if any(t.worker_id in alive for t in offered):
+                return
         if offered and len(done) < quorum:
             grace = rnd.deadline_at + timedelta(seconds=spec.round_deadline_s)
             if now < grace:
@@ -283,13 +292,11 @@ class RoundDriver:
                 job.id, "failed", error=f"round {number}: no worker could train any module"
             )
             return
-        for t in offered:
-            self.store.set_task_status(t.id, "straggler", "missed the round deadline")
-            metrics.STRAGGLERS.inc()
-        self.store.set_round(
-            job.id, number, state="aggregating", stragglers=[t.worker_id for t in offered]
-        )
-        self.store.set_job_state(job.id, "aggregating")
+        why = "missed the round deadline" if now >= rnd.deadline_at else "stopped heartbeating"
+        stragglers = self.store.close_training(job.id, number, why)
+        metrics.STRAGGLERS.inc(len(stragglers))
+        if stragglers:
+            log.info("job %s round %d: stragglers %s (%s)", job.id, number, stragglers, why)
         self._aggregating(job, spec)
 
     # -- aggregation ---------------------------------------------------------------------

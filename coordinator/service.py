@@ -22,7 +22,7 @@ import grpc
 from fedpilot.coordinator import metrics
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Task, Update, Worker
-from fedpilot.coordinator.db.store import AuthError, Store
+from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.ratelimit import TokenBucket
 from fedpilot.coordinator.settings import CoordinatorSettings
@@ -269,7 +269,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.ReportProfileResponse:
         worker = self._worker(context, request.worker_id)
         task = self._own_task(context, worker, request.task_id)
-        if task.kind != "profile" or task.job_id != request.job_id or task.status != "offered":
+        late = task.status == "straggler"  # kept: the next round need not profile again
+        if (
+            task.kind != "profile"
+            or task.job_id != request.job_id
+            or not (task.status == "offered" or late)
+        ):
             self._reject(
                 context,
                 _error(
@@ -435,23 +440,28 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             except BaseException:
                 staged.discard()
                 raise
-            record = self.store.record_update(
-                Update(
-                    job_id=task.job_id,
-                    round=task.round,
-                    worker_id=worker.id,
-                    task_id=task.id,
-                    sha256=sha,
-                    byte_count=size,
-                    num_samples=m.num_samples,
-                    loss_before=m.train_loss_before,
-                    loss_after=m.train_loss_after,
-                    local_scores=dict(m.local_scores),
-                    predicted_bytes=m.predicted_peak_bytes,
-                    measured_peak_bytes=m.measured_peak_bytes,
-                    train_seconds=m.train_seconds,
+            try:
+                record = self.store.record_update(
+                    Update(
+                        job_id=task.job_id,
+                        round=task.round,
+                        worker_id=worker.id,
+                        task_id=task.id,
+                        sha256=sha,
+                        byte_count=size,
+                        num_samples=m.num_samples,
+                        loss_before=m.train_loss_before,
+                        loss_after=m.train_loss_after,
+                        local_scores=dict(m.local_scores),
+                        predicted_bytes=m.predicted_peak_bytes,
+                        measured_peak_bytes=m.measured_peak_bytes,
+                        train_seconds=m.train_seconds,
+                    )
                 )
-            )
+            except TaskClosed as e:
+                raise _error(
+                    errors_pb2.ERROR_REASON_ROUND_CLOSED, f"{e}: the round closed", "task_id"
+                ) from e
         except WireError as e:
             return self._reject(context, e, **where)
         if record.duplicate:

@@ -275,17 +275,20 @@ def test_worker_killed_mid_training_is_a_straggler_and_rejoins_after_restart(
         cluster.start_worker("b", b_csv, BUDGET)  # no fault this time; registers anew
         _done(cluster, job_id)
 
-        # Assert: that round closed at its deadline with a alone, b a straggler; the new b
+        # Assert: that round closed with a alone, b a straggler (as soon as b's heartbeats
+        # stopped, or at the deadline on a machine too busy to notice first); the new b
         # trained in a later round.
         assert_consistent(store, job_id, rounds=3)
         names = _names(store)
         rnd = store.round(job_id, number)
         assert rnd is not None and rnd.deadline_at is not None and rnd.closed_at is not None
         assert rnd.stragglers == [old_b]
-        assert rnd.closed_at >= rnd.deadline_at
         assert [names[u.worker_id] for u in store.updates(job_id, number)] == ["a"]
         (b_task,) = [t for t in store.tasks(job_id, number, "train") if t.worker_id == old_b]
         assert b_task.status == "straggler"
+        assert b_task.reason in {"stopped heartbeating", "missed the round deadline"}
+        if rnd.closed_at < rnd.deadline_at:
+            assert b_task.reason == "stopped heartbeating"
         new_b = {w.id for w in store.workers() if w.name == "b"} - {old_b}
         assert len(new_b) == 1
         later = range(number + 1, 4)

@@ -105,6 +105,10 @@ class AuthError(Exception):
     """Unknown worker or wrong token (deliberately not saying which to the caller)."""
 
 
+class TaskClosed(Exception):
+    """The task is no longer open (its round closed, or it was withdrawn)."""
+
+
 @dataclass(frozen=True)
 class UpdateRecord:
     update_id: int
@@ -311,6 +315,39 @@ class Store:
             )
 
     @retrying
+    def close_training(self, job_id: str, number: int, reason: str) -> list[str]:
+        """End a round's training in ONE transaction: tasks still offered become stragglers,
+        the round and the job move to ``aggregating``. Returns the stragglers' worker ids."""
+        with self.session() as s, s.begin():
+            late = list(
+                s.scalars(
+                    select(Task)
+                    .where(
+                        Task.job_id == job_id,
+                        Task.round == number,
+                        Task.kind == "train",
+                        Task.status == "offered",
+                    )
+                    .with_for_update()
+                )
+            )
+            now = utcnow()
+            for t in late:
+                t.status, t.reason, t.updated_at = "straggler", reason, now
+            stragglers = [t.worker_id for t in late]
+            s.execute(
+                update(Round)
+                .where(Round.job_id == job_id, Round.number == number)
+                .values(state="aggregating", stragglers=stragglers)
+            )
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state != CANCELLED)
+                .values(state="aggregating", updated_at=now)
+            )
+        return stragglers
+
+    @retrying
     def task(self, task_id: str) -> Task | None:
         if not plausible_id(task_id):
             return None
@@ -360,8 +397,11 @@ class Store:
             for key, value in profile.items():
                 setattr(row, key, value)
             row.created_at = utcnow()
+            # A late profile is kept for the next round; its task stays a straggler.
             s.execute(
-                update(Task).where(Task.id == task_id).values(status="done", updated_at=utcnow())
+                update(Task)
+                .where(Task.id == task_id, Task.status == "offered")
+                .values(status="done", updated_at=utcnow())
             )
 
     # -- updates ---------------------------------------------------------------------------
@@ -383,6 +423,12 @@ class Store:
                 existing = self._existing_update(s, row)
                 if existing is not None:
                     return UpdateRecord(existing.id, True)
+                # Locked, so a round closing at this moment either sees the task done or
+                # makes it a straggler before this update can count.
+                task = s.get(Task, row.task_id, with_for_update=True)
+                if task is None or task.status != "offered":
+                    status = task.status if task is not None else "missing"
+                    raise TaskClosed(f"task {row.task_id} is {status}, no longer open")
                 s.add(row)
                 s.flush()
                 s.execute(
