@@ -36,15 +36,15 @@ AGGREGATE_SECONDS = Histogram(
 ALIVE_WORKERS = Gauge("fedpilot_workers_connected", "Workers with a recent heartbeat.")
 STRAGGLERS = Counter("fedpilot_stragglers_total", "Assigned workers that missed a deadline.")
 WORKER_BUDGET = Gauge(
-    "fedpilot_worker_budget_bytes", "Memory budget a worker registered with.", ["worker"]
+    "fedpilot_registered_budget_bytes", "Memory budget a worker registered with.", ["worker"]
 )
 WORKER_PEAK = Gauge(
-    "fedpilot_worker_measured_peak_bytes",
+    "fedpilot_reported_peak_bytes",
     "Peak training memory a worker measured in its last accepted update.",
     ["worker"],
 )
 WORKER_PREDICTED = Gauge(
-    "fedpilot_worker_predicted_peak_bytes",
+    "fedpilot_predicted_peak_bytes",
     "Peak memory the memory model predicted for a worker's last assignment.",
     ["worker"],
 )

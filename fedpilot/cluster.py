@@ -125,6 +125,7 @@ class LocalCluster:
         budget_bytes: int,
         labels: dict[str, str] | None = None,
         threads: int = 1,
+        metrics_port: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """One worker process; ``threads`` torch threads so co-located workers share cores."""
         args = [
@@ -144,6 +145,8 @@ class LocalCluster:
         ]
         for key, value in (labels or {}).items():
             args += ["--label", f"{key}={value}"]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
         return self._spawn(name, args)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -169,6 +169,24 @@ def worker(
     skip_unknown_labels: Annotated[
         bool, typer.Option(help="Leave out examples whose label the job does not list.")
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(envvar="FEDPILOT_WORKER_METRICS_PORT", help="Serve Prometheus /metrics."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Bind address of /metrics (it holds no secrets).")
+    ] = "0.0.0.0",
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(envvar="FEDPILOT_TLS_CA", help="CA of the coordinator's certificate (TLS)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(envvar="FEDPILOT_TLS_CERT", help="This worker's certificate (mutual TLS)."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(envvar="FEDPILOT_TLS_KEY", help="Key of --tls-cert.")
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run a worker: register, then profile and train what the coordinator assigns."""
@@ -199,6 +217,9 @@ def worker(
             text_column=text_column,
             label_column=label_column,
             skip_unknown_labels=skip_unknown_labels,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
         service = WorkerService(settings)
         examples = service.check_data()
@@ -206,6 +227,10 @@ def worker(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     logging.getLogger("fedpilot").info("%s: %d examples", data, examples)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=metrics_host)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop.set())
     service.run()

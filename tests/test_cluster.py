@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -81,7 +82,10 @@ def test_federated_run_across_processes_with_uneven_budgets(tmp_path, tiny_dir, 
     with LocalCluster(tmp_path / "cluster") as cluster:
         # Execute
         cluster.start_coordinator(job=job_file)
-        cluster.start_worker("small", _csv(tmp_path / "a.csv", 120, seed=1), small)
+        metrics_port = _free_port()
+        cluster.start_worker(
+            "small", _csv(tmp_path / "a.csv", 120, seed=1), small, metrics_port=metrics_port
+        )
         cluster.start_worker("large", _csv(tmp_path / "b.csv", 120, seed=2), large)
         (job,) = cluster.store.jobs()
         job = wait_for(cluster, job.id, {"done", "failed"}, timeout_s=240)
@@ -109,6 +113,28 @@ def test_federated_run_across_processes_with_uneven_budgets(tmp_path, tiny_dir, 
         # The operator's view of the same run: REST round detail and Prometheus metrics.
         _check_rest_view(cluster.http_url, job.id, small, large)
         _check_metrics(cluster.http_url, job.id)
+        _check_worker_metrics(f"http://127.0.0.1:{metrics_port}", small)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _check_worker_metrics(url: str, budget: int) -> None:
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for s in f.samples
+    }
+    assert samples[("fedpilot_worker_memory_budget_bytes", ())] == budget
+    assert samples[("fedpilot_worker_tasks_total", (("kind", "train"), ("outcome", "done")))] == 2
+    assert samples[("fedpilot_worker_train_steps_total", ())] == 2 * 8  # local_steps per round
+    assert samples[("fedpilot_worker_train_samples_per_second", ())] > 0
+    assert 0 < samples[("fedpilot_worker_measured_peak_bytes", ())] <= budget
+    assert samples[("fedpilot_worker_upload_bytes_total", ())] > 0
+    assert samples[("fedpilot_worker_connected", ())] == 1
 
 
 def _check_rest_view(url: str, job_id: str, small: int, large: int) -> None:
@@ -156,6 +182,6 @@ def _check_metrics(url: str, job_id: str) -> None:
     assert value("fedpilot_aggregation_seconds", "_count") == 2
     assert value("fedpilot_workers_connected") == 2
     for worker in ("small", "large"):
-        assert value("fedpilot_worker_budget_bytes", worker=worker) > 0
-        assert value("fedpilot_worker_measured_peak_bytes", worker=worker) > 0
+        assert value("fedpilot_registered_budget_bytes", worker=worker) > 0
+        assert value("fedpilot_reported_peak_bytes", worker=worker) > 0
     assert 0 <= value("fedpilot_global_accuracy", job=job_id) <= 1

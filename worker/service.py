@@ -21,10 +21,12 @@ from typing import Any, TypeVar
 import grpc
 
 from fedpilot.core.aggregation import flatten, unflatten
+from fedpilot.tls import channel_credentials
 from fedpilot.v1 import coordinator_pb2, errors_pb2, profile_pb2, transfer_pb2
 from fedpilot.wire import WireError, error_detail_from_rpc_error
 from fedpilot.wire.payload import tensor_specs
 from fedpilot.wire.serde import memory_to_proto
+from fedpilot.worker import metrics
 from fedpilot.worker.client import CoordinatorClient
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,11 @@ class WorkerSettings:
     threads: int = 0
     """torch intra-op threads; 0 = torch's default. Several workers on one machine
     must share its cores, or OpenMP threads spin against each other."""
+    tls_ca: Path | None = None
+    """Trust this CA for the coordinator's certificate (turns TLS on)."""
+    tls_cert: Path | None = None
+    """This worker's certificate, for coordinators that require mutual TLS."""
+    tls_key: Path | None = None
 
 
 class WorkerService:
@@ -109,7 +116,17 @@ class WorkerService:
         self.budget = resolve_budget(
             settings.device, settings.memory_budget, settings.safety_margin
         )
-        self.client = client or CoordinatorClient(settings.coordinator)
+        if client is None:
+            credentials = None
+            if settings.tls_ca is not None:
+                credentials = channel_credentials(
+                    settings.tls_ca, settings.tls_cert, settings.tls_key
+                )
+            elif settings.tls_cert is not None:
+                raise ValueError("--tls-cert needs --tls-ca (the CA of the coordinator)")
+            client = CoordinatorClient(settings.coordinator, credentials=credentials)
+        self.client = client
+        metrics.BUDGET.set(self.budget)
         self.stop = threading.Event()
         self.state = coordinator_pb2.WORKER_STATE_IDLE
         self.task_id = ""
@@ -130,9 +147,13 @@ class WorkerService:
         delay = 0.5
         while True:
             try:
-                return fn()
+                result = fn()
+                metrics.CONNECTED.set(1)
+                return result
             except grpc.RpcError as e:
                 code = e.code()  # type: ignore[attr-defined]
+                if code in _RETRYABLE:
+                    metrics.CONNECTED.set(0)
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     log.warning("coordinator does not know this worker: registering again")
                     self.register()
@@ -192,15 +213,19 @@ class WorkerService:
             if task is None:
                 continue
             self.task_id, self.abandon = task.task_id, threading.Event()
+            kind = "profile" if task.kind == coordinator_pb2.TASK_KIND_PROFILE else "train"
+            outcome = "done"
             try:
                 if task.kind == coordinator_pb2.TASK_KIND_PROFILE:
                     self._profile(task)
                 elif task.kind == coordinator_pb2.TASK_KIND_TRAIN:
                     self._train(task)
             except WireError as e:
+                outcome = "refused"
                 log.warning("refusing task %s: %s", task.task_id, e.message)
                 self.call(lambda t=task.task_id, e=e: self.client.refuse_task(t, e))
             except grpc.RpcError as e:
+                outcome = "rejected"
                 # The coordinator refused a call of this task (e.g. a profile reported after
                 # its round had moved on): that ends the task, not the worker.
                 if self.stop.is_set():
@@ -212,6 +237,7 @@ class WorkerService:
                     detail.message if detail else e.code(),  # type: ignore[attr-defined]
                 )
             finally:
+                metrics.TASKS.labels(kind=kind, outcome=outcome).inc()
                 self.task_id, self.state = "", coordinator_pb2.WORKER_STATE_IDLE
         self.client.close()
         log.info("worker stopped")
@@ -351,6 +377,7 @@ class WorkerService:
         _, tensors = self.call(
             lambda: self.client.download_adapter(task.job_id, task.adapter_version)
         )
+        metrics.DOWNLOAD_BYTES.inc(sum(t.nbytes for t in tensors.values()))
         load_module_state(model, unflatten(tensors))
         batches = self._batches(config, spec)
         _fault_hold_training(self.stop)
@@ -369,6 +396,13 @@ class WorkerService:
             weight_decay=config.weight_decay,
             seed=int(config.seed) + int(task.round),
         )
+        metrics.TRAIN_STEPS.inc(result.steps)
+        metrics.TRAIN_SAMPLES.inc(result.num_samples)
+        metrics.TRAIN_SECONDS.inc(result.seconds)
+        metrics.SAMPLES_PER_SECOND.set(result.num_samples / max(result.seconds, 1e-9))
+        metrics.PREDICTED_PEAK.set(task.predicted_peak_bytes)
+        metrics.MEASURED_PEAK.set(result.peak_bytes)
+        metrics.LOSS.set(result.loss_after)
         if self.abandon.is_set() or self.stop.is_set():
             log.info("task %s abandoned; not uploading", task.task_id)
             return
@@ -396,6 +430,7 @@ class WorkerService:
         update = flatten(get_module_state(model, list(task.modules)))
         try:
             reply = self.call(lambda: self.client.upload_update(manifest, update))
+            metrics.UPLOAD_BYTES.inc(sum(t.nbytes for t in update.values()))
         except grpc.RpcError as e:
             detail = error_detail_from_rpc_error(e)
             log.warning("upload refused: %s", detail.message if detail else e)

@@ -107,3 +107,29 @@ def test_bad_tls_settings_are_refused_with_the_reason(tmp_path: Path, certs: Clu
         channel_credentials(certs.ca, cert=certs.server_cert)
     with pytest.raises(ValueError, match="cannot read CA certificate"):
         channel_credentials(tmp_path / "missing.pem")
+
+
+def test_a_worker_service_registers_over_mutual_tls(
+    mtls_server: RunningCoordinator, certs: ClusterCerts, tmp_path: Path
+) -> None:
+    from fedpilot.worker.service import WorkerService, WorkerSettings
+
+    cert, key = certs.clients["site-a"]
+    settings = WorkerSettings(
+        coordinator=f"localhost:{mtls_server.port}",
+        name="site-a",
+        data=tmp_path / "unused.csv",
+        memory_budget=1 << 30,
+        tls_ca=certs.ca,
+        tls_cert=cert,
+        tls_key=key,
+    )
+    service = WorkerService(settings)
+    service.register()
+    service.client.close()
+    assert [w.name for w in mtls_server.store.workers()] == ["site-a"]
+    with pytest.raises(ValueError, match="needs --tls-ca"):
+        without_ca = WorkerSettings(
+            coordinator="localhost:1", name="x", data=tmp_path, memory_budget=1, tls_cert=cert
+        )
+        WorkerService(without_ca)
