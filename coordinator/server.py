@@ -65,7 +65,7 @@ def start(
     blobs = BlobStore(settings.data_dir / "blobs")
     tasks_ready = threading.Condition()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=64),
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
         options=[
             ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
             ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),

@@ -18,6 +18,9 @@ class CoordinatorSettings(BaseSettings):
     )
     grpc_host: str = "127.0.0.1"
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 50051
+    grpc_threads: Annotated[int, Field(ge=4, le=10_000)] = 512
+    """Handler threads. Each waiting long poll holds one, so this bounds how many workers
+    can wait for a task at once without queueing everyone else's calls."""
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=600_000)] = 2_000
     heartbeat_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
     enrollment_secret: SecretStr = SecretStr("")

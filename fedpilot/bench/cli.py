@@ -69,3 +69,24 @@ def transfer(
     from fedpilot.bench import transfer as bench
 
     _emit(bench.run(size_mib, repeats))
+
+
+@bench_app.command("load")
+def load(
+    workers: Annotated[
+        list[int] | None, typer.Option(help="Simulated worker counts (repeatable).")
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1)] = 2,
+    database_url: Annotated[
+        str, typer.Option(envvar="FEDPILOT_DATABASE_URL", help="PostgreSQL (empty = SQLite).")
+    ] = "",
+    timeout_s: Annotated[float, typer.Option(min=10, help="Give up on one count after this.")] = (
+        600.0
+    ),
+) -> None:
+    """Many light simulated workers on the real protocol: registrations/s, round close,
+    RPC latency, coordinator CPU and memory, errors."""
+    from fedpilot.bench import load as bench
+
+    config = bench.LoadConfig(rounds=rounds, database_url=database_url, timeout_s=timeout_s)
+    _emit(bench.run(tuple(workers or (500,)), config))

@@ -1,0 +1,352 @@
+"""`fedpilot bench load`: many light simulated workers against a real coordinator.
+
+The coordinator runs as its own process (``fedpilot coordinator``, the same
+command operators run) on PostgreSQL when a URL is given, so its CPU time and
+peak memory are its own. ``workers`` simulated workers run as threads in a
+few subprocesses and speak the real protocol through
+:class:`fedpilot.worker.client.CoordinatorClient`: register, heartbeat,
+long-poll, report a profile, download the adapter, upload real float32
+tensors of their assigned modules. They skip training, so the load is the
+protocol itself. Every unary RPC is timed on the caller's side (the long poll
+is not: it waits by design); registrations are all started at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    rounds: int = 2
+    layers: int = 2
+    """Of the synthetic encoder: small tensors, so the load is RPCs, not bytes."""
+    rank: int = 4
+    poll_wait_ms: int = 5_000
+    heartbeat_s: float = 2.0
+    workers_per_process: int = 125
+    timeout_s: float = 600.0
+    database_url: str = ""
+
+
+# -- the simulated workers (a subprocess: `python -m fedpilot.bench.load ...`) --------------
+
+
+class _Timed:
+    """Caller-side latency of every RPC, by method (thread-safe appends)."""
+
+    def __init__(self) -> None:
+        self.latencies: dict[str, list[float]] = {}
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, method: str, fn: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            elapsed = time.perf_counter() - start
+            with self.lock:
+                self.latencies.setdefault(method, []).append(elapsed)
+
+
+def _worker(
+    address: str,
+    index: int,
+    config: LoadConfig,
+    timed: _Timed,
+    go: threading.Event,
+    stop: threading.Event,
+    clients: list[Any],
+    registered: list[tuple[float, float]],
+) -> None:
+    import grpc
+
+    from fedpilot.bench.synthetic import encoder_memory
+    from fedpilot.core.aggregation import SEPARATOR
+    from fedpilot.v1 import coordinator_pb2, profile_pb2, transfer_pb2
+    from fedpilot.wire.payload import tensor_specs
+    from fedpilot.wire.serde import memory_to_proto
+    from fedpilot.worker.client import CoordinatorClient
+
+    memory = encoder_memory(layers=config.layers, rank=config.rank, targets=2, batch=1, seq=8)
+    budget = memory.full_cost() * 2
+    client = CoordinatorClient(address, timeout_s=120)
+    rng = np.random.default_rng(index)
+    profile = None
+    go.wait()
+    while not stop.is_set():
+        try:
+            if not client.worker_id:
+                start = time.perf_counter()
+                timed(
+                    "Register",
+                    lambda: client.register(f"load{index}", budget_bytes=budget),
+                )
+                registered.append((start, time.perf_counter()))
+                clients.append(client)
+            task = client.poll_task(config.poll_wait_ms)
+            if task is None:
+                continue
+            if task.kind == coordinator_pb2.TASK_KIND_PROFILE:
+                if profile is None:
+                    from fedpilot.bench.synthetic import lora_update
+                    from fedpilot.core.aggregation import flatten
+
+                    shapes = flatten(lora_update(memory, config.rank, seed=0))
+                    profile = memory_to_proto(
+                        memory,
+                        budget,
+                        method=profile_pb2.PROFILE_METHOD_SAVED_TENSORS,
+                        device="cpu",
+                        tensors=tensor_specs(shapes),
+                    )
+                timed(
+                    "ReportProfile",
+                    lambda t=task, p=profile: client.report_profile(t.job_id, t.task_id, p),
+                )
+                continue
+            _, adapter = timed(
+                "DownloadAdapter",
+                lambda t=task: client.download_adapter(t.job_id, t.adapter_version),
+            )
+            assigned = set(task.modules)
+            update = {
+                k: v + rng.standard_normal(v.shape, dtype=np.float32) * np.float32(1e-3)
+                for k, v in adapter.items()
+                if k.rpartition(SEPARATOR)[0] in assigned
+            }
+            manifest = transfer_pb2.UpdateManifest(
+                job_id=task.job_id,
+                round=task.round,
+                task_id=task.task_id,
+                base_version=task.adapter_version,
+                num_samples=10,
+                train_loss_before=1.0,
+                train_loss_after=0.9,
+                predicted_peak_bytes=task.predicted_peak_bytes,
+            )
+            timed("UploadUpdate", lambda m=manifest, u=update: client.upload_update(m, u))
+        except grpc.RpcError as e:
+            if stop.is_set():
+                break
+            with timed.lock:
+                timed.errors.append(f"{index}: {e.code()}")  # type: ignore[attr-defined]
+            stop.wait(0.5)
+
+
+def _heartbeats(clients: list[Any], timed: _Timed, stop: threading.Event, interval: float) -> None:
+    import grpc
+
+    while not stop.wait(interval):
+        for client in list(clients):
+            try:
+                timed("Heartbeat", client.heartbeat)
+            except grpc.RpcError as e:
+                if not stop.is_set():
+                    with timed.lock:
+                        timed.errors.append(f"heartbeat: {e.code()}")  # type: ignore[attr-defined]
+
+
+def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -> None:
+    """Run ``count`` simulated workers until SIGTERM, then write what they measured."""
+    stop, go = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    timed = _Timed()
+    clients: list[Any] = []
+    registered: list[tuple[float, float]] = []
+    threads = [
+        threading.Thread(
+            target=_worker,
+            args=(address, first + i, config, timed, go, stop, clients, registered),
+            daemon=True,
+        )
+        for i in range(count)
+    ]
+    for t in threads:
+        t.start()
+    # The parent starts every process's registrations at the same moment.
+    (out.parent / f"ready-{first}").touch()
+    while not (out.parent / "go").exists() and not stop.is_set():
+        time.sleep(0.01)
+    go.set()
+    threading.Thread(
+        target=_heartbeats, args=(clients, timed, stop, config.heartbeat_s), daemon=True
+    ).start()
+    stop.wait()
+    out.write_text(
+        json.dumps(
+            {
+                "latencies": timed.latencies,
+                "errors": timed.errors,
+                "registered": registered,
+                "clock_offset": time.time() - time.perf_counter(),
+            }
+        )
+    )
+
+
+# -- the coordinator's process -------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def measure(workers: int, config: LoadConfig) -> dict[str, Any]:
+    from fedpilot.cluster import LocalCluster
+
+    db_url = config.database_url or os.environ.get("FEDPILOT_DATABASE_URL", "")
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        work = Path(tmp)
+        cluster = LocalCluster(work / "cluster", db_url=db_url, log_level="warning")
+        procs: list[subprocess.Popen[bytes]] = []
+        outputs: list[Path] = []
+        try:
+            address = cluster.start_coordinator(evaluate=False)
+            pid = cluster.processes["coordinator"].pid
+            per = max(1, min(config.workers_per_process, math.ceil(workers / 4)))
+            for first in range(0, workers, per):
+                out = work / f"load-{first}.json"
+                outputs.append(out)
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "fedpilot.bench.load",
+                            address,
+                            str(first),
+                            str(min(per, workers - first)),
+                            json.dumps(asdict(config)),
+                            str(out),
+                        ],
+                        start_new_session=True,
+                    )
+                )
+            deadline = time.monotonic() + config.timeout_s
+            while len(list(work.glob("ready-*"))) < len(procs):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise RuntimeError("simulated worker processes did not start")
+                time.sleep(0.05)
+            store = cluster.store
+            cpu_before = _cpu_seconds(pid)
+            (work / "go").touch()
+            while len(store.alive_workers(30)) < workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"only {len(store.alive_workers(30))} of {workers} workers registered"
+                    )
+                time.sleep(0.1)
+            job_id = store.create_job(
+                "bench-load",
+                {
+                    "rounds": config.rounds,
+                    "min_workers": workers,
+                    "round_deadline_s": config.timeout_s,
+                    "profile_deadline_s": config.timeout_s,
+                    "quorum": 1.0,
+                    "ig_probe_batches": 0,
+                },
+            )
+            while (job := store.job(job_id)) is not None and job.state not in (
+                "done",
+                "failed",
+                "cancelled",
+            ):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert job is not None
+            cpu = _cpu_seconds(pid) - cpu_before
+            peak = _hwm(pid)
+            rounds = store.rounds(job_id)
+            updates = [len(store.updates(job_id, r.number)) for r in rounds]
+            duplicates_ok = all(n <= workers for n in updates)
+        finally:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+            cluster.stop()
+        results = [json.loads(o.read_text()) for o in outputs if o.exists()]
+    latencies: dict[str, list[float]] = {}
+    errors: list[str] = []
+    spans: list[tuple[float, float]] = []
+    for r in results:
+        for method, values in r["latencies"].items():
+            latencies.setdefault(method, []).extend(values)
+        errors += r["errors"]
+        spans += [(s + r["clock_offset"], e + r["clock_offset"]) for s, e in r["registered"]]
+    every = [v for values in latencies.values() for v in values]
+    registration_s = max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
+    closes = [
+        (r.closed_at - r.started_at).total_seconds() for r in rounds if r.closed_at is not None
+    ]
+    if job.state != "done":
+        errors.append(f"job ended {job.state}: {job.error}")
+    if len(results) < len(procs):
+        errors.append(f"{len(procs) - len(results)} worker processes reported nothing")
+    return {
+        "bench": "load",
+        "workers": workers,
+        "registrations_per_s": round(len(spans) / registration_s, 1) if registration_s else 0.0,
+        "round_close_s": round(float(np.mean(closes)), 3) if closes else None,
+        "rpc_p50_ms": round(_percentile(every, 50) * 1000, 2),
+        "rpc_p99_ms": round(_percentile(every, 99) * 1000, 2),
+        "coordinator_peak_rss_bytes": peak,
+        "coordinator_cpu_s": round(cpu, 2),
+        "errors": len(errors),
+        "rounds_closed": len(closes),
+        "updates_per_round": updates,
+        "no_update_counted_twice": duplicates_ok,
+        "rpcs": len(every),
+        "by_method_p99_ms": {
+            m: round(_percentile(v, 99) * 1000, 2) for m, v in sorted(latencies.items())
+        },
+        "database": "postgresql" if db_url else "sqlite",
+        "error_samples": errors[:5],
+    }
+
+
+def run(counts: tuple[int, ...], config: LoadConfig) -> Iterator[dict[str, Any]]:
+    for n in counts:
+        yield measure(n, config)
+
+
+if __name__ == "__main__":
+    _address, _first, _count, _config, _out = sys.argv[1:6]
+    serve(_address, int(_first), int(_count), LoadConfig(**json.loads(_config)), Path(_out))
