@@ -52,3 +52,27 @@ def postgres_url() -> Iterator[str]:
         )
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
+
+
+@pytest.fixture()
+def pg_url(postgres_url: str) -> Iterator[str]:
+    """A database of its own on the session's PostgreSQL server, dropped afterwards.
+
+    Each test needs an empty one: jobs and recently alive workers of another test would
+    otherwise be sampled into its rounds."""
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    base = make_url(postgres_url)
+    name = f"{base.database}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield base.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()

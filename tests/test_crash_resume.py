@@ -26,7 +26,7 @@ def _wait_round_state(
 
 
 def test_coordinator_killed_mid_round_resumes_on_postgres(
-    tmp_path: Path, tiny_dir: Path, postgres_url: str
+    tmp_path: Path, tiny_dir: Path, pg_url: str
 ) -> None:
     # Prepare: a 3-round job on PostgreSQL; generous budgets (this test is about crashes).
     spec = {
@@ -45,7 +45,7 @@ def test_coordinator_killed_mid_round_resumes_on_postgres(
     }
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(spec))
-    with LocalCluster(tmp_path / "cluster", db_url=postgres_url) as cluster:
+    with LocalCluster(tmp_path / "cluster", db_url=pg_url) as cluster:
         address = cluster.start_coordinator(job=job_file, evaluate=False)
         port = int(address.rsplit(":", 1)[1])
         for name, seed in (("a", 1), ("b", 2)):

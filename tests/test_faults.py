@@ -20,15 +20,14 @@ from __future__ import annotations
 import json
 import signal
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 
 from fedpilot.cluster import LocalCluster
 from fedpilot.coordinator.db.models import Update
@@ -42,30 +41,6 @@ BUDGET = 10**10  # every module fits: these tests are about faults, not budgets
 
 
 # -- fixtures and helpers -----------------------------------------------------------------
-
-
-@pytest.fixture()
-def pg_url(postgres_url: str) -> Iterator[str]:
-    """A database of its own on the session's PostgreSQL server, dropped afterwards.
-
-    Each test needs an empty one: jobs and recently alive workers of another test would
-    otherwise be sampled into its rounds."""
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    base = make_url(postgres_url)
-    name = f"{base.database}_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield base.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = :name AND pid <> pg_backend_pid()"
-            ),
-            {"name": name},
-        )
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
 
 
 @pytest.fixture()

@@ -179,7 +179,7 @@ def healthcheck(compose: ComposeAsProcesses, name: str) -> list[str]:
 
 @pytest.fixture
 def cluster(
-    tmp_path: Path, tiny_dir: Path, postgres_url: str
+    tmp_path: Path, tiny_dir: Path, pg_url: str
 ) -> Iterator[tuple[ComposeAsProcesses, Path]]:
     from fedpilot.worker.data import synthetic_dataset
 
@@ -187,7 +187,7 @@ def cluster(
     train_csv = write_csv(
         tmp_path / "train.csv", data.texts, [data.label_names[y] for y in data.labels]
     )
-    processes = ComposeAsProcesses(load_compose(), tmp_path, train_csv, postgres_url)
+    processes = ComposeAsProcesses(load_compose(), tmp_path, train_csv, pg_url)
     try:
         yield processes, tiny_dir
     finally:

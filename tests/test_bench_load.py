@@ -1,0 +1,27 @@
+"""`fedpilot bench load` at a few workers: the harness runs the real protocol end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedpilot.cli import app
+
+
+@pytest.mark.slow
+def test_bench_load_reports_every_field_with_no_errors(pg_url: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["bench", "load", "--workers", "6", "--database-url", pg_url, "--timeout-s", "240"],
+    )
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert row["bench"] == "load" and row["workers"] == 6 and row["database"] == "postgresql"
+    assert row["errors"] == 0, row["error_samples"]
+    assert row["rounds_closed"] == 2 and row["updates_per_round"] == [6, 6]
+    assert row["no_update_counted_twice"] is True
+    assert row["registrations_per_s"] > 0 and row["coordinator_peak_rss_bytes"] > 0
+    assert 0 < row["rpc_p50_ms"] <= row["rpc_p99_ms"]
+    assert set(row["by_method_p99_ms"]) >= {"Register", "Heartbeat", "UploadUpdate"}
