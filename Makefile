@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[worker,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[worker,bench,dev]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -61,11 +61,16 @@ class RoundDriver:
         self.settings = settings
         self.tasks_ready = tasks_ready
         self.evaluator = evaluator
+        self._assign_seconds: dict[tuple[str, int], float] = {}
+        """Solve time of each open round's assignment, reported with its metrics."""
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.tick()
-            stop.wait(self.settings.tick_seconds)
+            # Woken early by an accepted upload (the service notifies tasks_ready), so the
+            # last update of a round starts aggregation at once instead of at the next tick.
+            with self.tasks_ready:
+                self.tasks_ready.wait(self.settings.tick_seconds)
 
     def tick(self) -> None:
         metrics.ALIVE_WORKERS.set(len(self.store.alive_workers(self.settings.heartbeat_timeout_s)))
@@ -204,6 +209,7 @@ class RoundDriver:
         assignments = assign(clients, spec.strategy, seed=spec.seed + number)
         solve_seconds = time.perf_counter() - solve_start
         metrics.ASSIGN_SECONDS.observe(solve_seconds)
+        self._assign_seconds[(job.id, number)] = solve_seconds
         tasks = []
         for a in assignments:
             ok = a.feasible and bool(a.modules)
@@ -352,6 +358,12 @@ class RoundDriver:
             "bytes_in": bytes_in,
             "bytes_out": latest.byte_count * sum(t.status in ("done", "straggler") for t in tasks),
             "aggregate_seconds": seconds,
+            "assign_seconds": self._assign_seconds.pop((job.id, number), None),
+            "transfer_seconds": (
+                max(u.received_at for u in used) - min(t.created_at for t in tasks)
+            ).total_seconds()
+            if used and tasks
+            else None,
             "round_seconds": (utcnow() - rnd.started_at).total_seconds(),
         }
         committed = self.store.commit_version(

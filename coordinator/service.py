@@ -416,7 +416,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             self._require_open_round(task)
             self._check_manifest(task, m)
             receiver = PayloadReceiver(
-                m.payload, max_total_bytes=self.settings.max_upload_bytes, keep=False
+                m.payload,
+                max_total_bytes=self.settings.max_upload_bytes,
+                keep=False,
+                hashing=False,  # the blob store hashes what it writes
             )
 
             def chunks() -> Iterator[bytes]:
@@ -435,7 +438,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             staged = self.blobs.stage(chunks())
             try:
                 with staged.mapped() as payload:
-                    receiver.finish_with(payload)  # size, sha256, names, shapes, dtypes, finite
+                    # size, sha256, names, shapes, dtypes, finite (while the fsync runs)
+                    receiver.finish_with(payload, sha256=staged.sha256)
                 sha, size = staged.commit()
             except BaseException:
                 staged.discard()

@@ -10,6 +10,8 @@ once. Why a directory and not PostgreSQL ``bytea``: see docs/architecture.md
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import mmap
 import os
@@ -39,8 +41,10 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
-        """Write ``chunks`` to a durable temporary file while hashing them, holding no more
-        than one chunk in memory; :meth:`StagedBlob.commit` makes it visible."""
+        """Write ``chunks`` to a temporary file while hashing them, holding no more than one
+        chunk in memory. Its fsync starts at once in the background, so a caller can verify
+        the bytes meanwhile; :meth:`StagedBlob.commit` waits for it, then makes the blob
+        visible."""
         digest = hashlib.sha256()
         size = 0
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._tmpdir())
@@ -50,8 +54,6 @@ class BlobStore:
                     digest.update(chunk)
                     size += len(chunk)
                     f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
         except BaseException:
             os.unlink(tmp)
             raise
@@ -89,10 +91,11 @@ class BlobStore:
 
 
 class StagedBlob:
-    """A fully written, fsynced blob not yet visible under its digest."""
+    """A fully written blob not yet visible under its digest (being fsynced)."""
 
     def __init__(self, store: BlobStore, path: Path, sha256: str, size: int) -> None:
         self.store, self.path, self.sha256, self.size = store, path, sha256, size
+        self._synced: concurrent.futures.Future[None] = _SYNC.submit(_fsync_file, path)
 
     @contextmanager
     def mapped(self) -> Iterator[mmap.mmap]:
@@ -100,6 +103,8 @@ class StagedBlob:
             yield buf
 
     def commit(self) -> tuple[str, int]:
+        """Durable first (the file's fsync), then visible (rename, directory fsync)."""
+        self._synced.result()
         target = self.store.path(self.sha256)
         target.parent.mkdir(exist_ok=True)
         os.replace(self.path, target)
@@ -107,6 +112,8 @@ class StagedBlob:
         return self.sha256, self.size
 
     def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._synced.result()
         self.path.unlink(missing_ok=True)
 
 
@@ -114,6 +121,18 @@ class StagedBlob:
 def _mapped(path: Path) -> Iterator[mmap.mmap]:
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         yield buf
+
+
+_SYNC = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="blob-fsync")
+"""fsync releases the GIL: it runs while the caller checks the staged bytes."""
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -69,6 +72,127 @@ def transfer(
     from fedpilot.bench import transfer as bench
 
     _emit(bench.run(size_mib, repeats))
+
+
+@bench_app.command("quality")
+def quality(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Minutes: 3 rounds, 3 local steps, 10 classes.")
+    ] = False,
+    workers: Annotated[int | None, typer.Option(min=3, help="Workers (tiers cycle).")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1)] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(help="Partition: dirichlet-ALPHA or iid (repeatable; default dirichlet-0.5)."),
+    ] = None,
+    all_settings: Annotated[
+        bool, typer.Option("--all-settings", help="dirichlet-0.5, dirichlet-0.1 and iid.")
+    ] = False,
+    method: Annotated[
+        list[str] | None, typer.Option(help="Only these methods (repeatable; default all).")
+    ] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Folder with train.csv/test.csv, or one CSV (text and label columns)."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="Local HF model directory (default: MiniLM).")] = "",
+    classes: Annotated[int | None, typer.Option(min=2)] = None,
+    per_class: Annotated[
+        int | None, typer.Option(min=1, help="Training examples per class.")
+    ] = None,
+    eval_per_class: Annotated[int | None, typer.Option(min=1)] = None,
+    local_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    max_seq_len: Annotated[int | None, typer.Option(min=8)] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    target: Annotated[
+        float | None,
+        typer.Option(help="Accuracy for 'rounds to target' (default 0.9 x the bound's best)."),
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path, typer.Option(help="results.json, results.md, accuracy.png.")] = Path(
+        "./data/bench-quality"
+    ),
+    database_url: Annotated[
+        str, typer.Option(help="Default: FEDPILOT_DATABASE_URL or SQLite.")
+    ] = "",
+) -> None:
+    """Fed-piLot vs ablations, baselines and an unconstrained bound on a real local cluster.
+
+    Progress and the table go to stderr; one JSON object per method to stdout.
+    """
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from fedpilot.bench import quality as bench
+
+    config = bench.QualityConfig()
+    if quick:
+        config = bench.quick(config)
+    given = {
+        "workers": workers,
+        "rounds": rounds,
+        "dataset": dataset,
+        "classes": classes,
+        "per_class": per_class,
+        "eval_per_class": eval_per_class,
+        "local_steps": local_steps,
+        "batch_size": batch_size,
+        "max_seq_len": max_seq_len,
+        "learning_rate": learning_rate,
+    }
+    settings = ("dirichlet-0.5", "dirichlet-0.1", "iid") if all_settings else tuple(setting or ())
+    config = replace(
+        config,
+        **{k: v for k, v in given.items() if v is not None},
+        settings=tuple(bench.parse_setting(s)[0] for s in settings) or config.settings,
+        methods=tuple(method or config.methods),
+        model=model,
+        seed=seed,
+        target_accuracy=target,
+        out=out,
+        database_url=database_url,
+    )
+    console = Console(stderr=True)
+    # SIGTERM as Ctrl-C: unwind, so the cluster's processes are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rows = bench.run(config, bench.Progress(console.print))
+    console.print(bench.rich_table(rows, rows[0]["target_accuracy"] if rows else 0.0))
+    console.print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy.png'}")
+    _emit(rows)
+
+
+@bench_app.command("round")
+def round_(
+    workers: Annotated[
+        list[int] | None, typer.Option(help="Simulated worker counts (repeatable).")
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=2, help="Rounds per count; round 1 profiles.")] = 3,
+    poll_wait_ms: Annotated[
+        int, typer.Option(min=0, help="Workers' long-poll wait (the real default: 5000).")
+    ] = 5_000,
+    compute_s: Annotated[float, typer.Option(min=0, help="Sleep in place of training.")] = 0.0,
+    layers: Annotated[int, typer.Option(min=1, help="Encoder layers of the adapter.")] = 12,
+    targets: Annotated[int, typer.Option(min=1, max=6, help="LoRA targets per layer.")] = 2,
+    timeout_s: Annotated[float, typer.Option(help="Give up on one count after this.")] = 900.0,
+    database_url: Annotated[
+        str, typer.Option(help="Default: FEDPILOT_DATABASE_URL or SQLite.")
+    ] = "",
+) -> None:
+    """Round overhead of the system with workers that move real tensors but skip training."""
+    from fedpilot.bench import round as bench
+
+    config = bench.RoundConfig(
+        rounds=rounds,
+        layers=layers,
+        targets=targets,
+        poll_wait_ms=poll_wait_ms,
+        compute_s=compute_s,
+        timeout_s=timeout_s,
+        database_url=database_url,
+    )
+    _emit(bench.run(tuple(workers or (10, 100, 500)), config))
 
 
 @bench_app.command("load")

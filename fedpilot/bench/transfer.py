@@ -80,6 +80,7 @@ class _RssSampler:
 
     def __enter__(self) -> _RssSampler:
         self.peak = _rss(self.pid)
+        self.start_anon = self.peak_anon = _rss(self.pid, "RssAnon")
         self._thread.start()
         return self
 
@@ -231,7 +232,7 @@ class _RealPath:
         self.client.register("bench", budget_bytes=1 << 50)
         self.pid = cluster.processes["coordinator"].pid
         self.idle_rss, self.idle_anon = _rss(self.pid), _rss(self.pid, "RssAnon")
-        self.transfer_rss = self.transfer_anon = 0
+        self.transfer_rss = self.transfer_anon = self.transfer_growth = 0
 
     def rates(self) -> dict[str, float]:
         """Download version 0 and upload a full update of a new one-round job."""
@@ -275,6 +276,11 @@ class _RealPath:
             t_up = time.perf_counter() - start
         self.transfer_rss = max(self.transfer_rss, down_rss.peak, up_rss.peak)
         self.transfer_anon = max(self.transfer_anon, down_rss.peak_anon, up_rss.peak_anon)
+        self.transfer_growth = max(
+            self.transfer_growth,
+            down_rss.peak_anon - down_rss.start_anon,
+            up_rss.peak_anon - up_rss.start_anon,
+        )
         # Let the round aggregate before anything else is timed.
         deadline = time.monotonic() + 600
         while (job := store.job(job_id)) is not None and job.state != "done":
@@ -339,6 +345,7 @@ def run(size_mib: int = 256, repeats: int = 3) -> Iterator[dict[str, Any]]:
             "coordinator_rss_before_bytes": real.idle_rss,
             "coordinator_peak_anon_bytes": real.transfer_anon,
             "coordinator_anon_before_bytes": real.idle_anon,
+            "coordinator_anon_growth_bytes": real.transfer_growth,
             "coordinator_peak_rss_with_aggregation_bytes": peak,
         }
 

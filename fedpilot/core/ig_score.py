@@ -41,13 +41,22 @@ def combine(
     lam: float,
     names: Iterable[str],
 ) -> dict[str, float]:
-    """IG-Score of every module in ``names``: normalised local and global mixed by ``lam``."""
+    """IG-Score of every module in ``names``: normalised local and global mixed by ``lam``.
+
+    A client with no local scores yet (its first round) counts every module as equally
+    informative, as the global side does before any history. Scores are floored at
+    :data:`SCORE_FLOOR`: min-max normalisation gives the least informative module 0,
+    and a knapsack would then leave it out even where it fits for free.
+    """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     keys = list(names)
-    local_n = normalise(local, keys) if local else dict.fromkeys(keys, 0.0)
+    local_n = normalise(local, keys) if local else dict.fromkeys(keys, 1.0)
     global_n = normalise(global_, keys) if global_ else dict.fromkeys(keys, 1.0)
-    return {n: lam * local_n[n] + (1.0 - lam) * global_n[n] for n in keys}
+    return {n: max(SCORE_FLOOR, lam * local_n[n] + (1.0 - lam) * global_n[n]) for n in keys}
+
+
+SCORE_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)

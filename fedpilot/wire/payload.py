@@ -229,9 +229,12 @@ class PayloadReceiver:
         max_total_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         keep: bool = True,
+        hashing: bool = True,
     ) -> None:
         """``keep=False``: only check chunks as they pass (the caller stores them, e.g. in a
-        file), then verify that copy with :meth:`finish_with`."""
+        file), then verify that copy with :meth:`finish_with`. ``hashing=False``: the caller
+        hashes the bytes as it stores them and hands the digest to :meth:`finish_with`
+        (one sha256 pass instead of two)."""
         if manifest.total_bytes > max_total_bytes:
             raise WireError(
                 errors_pb2.ERROR_REASON_STREAM_TOO_LARGE,
@@ -253,6 +256,7 @@ class PayloadReceiver:
             )
         self.manifest = manifest
         self._keep = keep
+        self._hashing = hashing
         self._max_chunk = max_chunk_bytes
         self._hash = hashlib.sha256()
         self._parts: list[bytes] = []
@@ -274,18 +278,21 @@ class PayloadReceiver:
                 f"received more than the {self.manifest.total_bytes} bytes the manifest declared",
                 "manifest.total_bytes",
             )
-        self._hash.update(chunk)
+        if self._hashing:
+            self._hash.update(chunk)
         if self._keep:
             self._parts.append(chunk)
 
-    def _verify_stream(self) -> None:
+    def _verify_stream(self, sha256: str | None = None) -> None:
         if self.received != self.manifest.total_bytes:
             raise WireError(
                 errors_pb2.ERROR_REASON_TRUNCATED,
                 f"stream ended after {self.received} of {self.manifest.total_bytes} bytes",
                 "data",
             )
-        digest = self._hash.hexdigest()
+        if sha256 is None and not self._hashing:
+            raise ValueError("hashing=False: pass the sha256 of the stored bytes")
+        digest = sha256 if sha256 is not None else self._hash.hexdigest()
         if digest != self.manifest.sha256:
             raise WireError(
                 errors_pb2.ERROR_REASON_CHECKSUM_MISMATCH,
@@ -302,14 +309,15 @@ class PayloadReceiver:
         check_tensors(tensors, self.manifest)
         return tensors
 
-    def finish_with(self, payload: Buffer) -> None:
+    def finish_with(self, payload: Buffer, sha256: str | None = None) -> None:
         """Like :meth:`finish` for a stream the caller stored itself (``keep=False``):
-        verify size and checksum, then decode ``payload`` and check every tensor.
+        verify size and checksum (``sha256`` of the stored bytes when the caller hashed
+        them), then decode ``payload`` and check every tensor.
 
         No view into ``payload`` survives the call, not even in a raised error's
         traceback, so the caller can unmap it afterwards.
         """
-        self._verify_stream()
+        self._verify_stream(sha256)
         error: WireError | None = None
         try:
             check_tensors(decode_tensors(payload), self.manifest)
@@ -342,8 +350,7 @@ def check_tensors(
         if _NUMPY.get(spec.dtype) != x.dtype:
             raise WireError(
                 errors_pb2.ERROR_REASON_DTYPE_MISMATCH,
-                f"tensor {name!r} has dtype {x.dtype}, manifest says "
-                f"{dtype_name(spec.dtype)}",
+                f"tensor {name!r} has dtype {x.dtype}, manifest says {dtype_name(spec.dtype)}",
                 name,
             )
         if not np.isfinite(x).all():

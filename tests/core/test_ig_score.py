@@ -54,3 +54,12 @@ def test_global_score_is_an_ema_of_relative_changes() -> None:
 
 def test_relative_change_of_a_first_update_from_zero_is_one() -> None:
     assert relative_change(delta_sq_norm=4.0, after_sq_norm=4.0) == pytest.approx(1.0)
+
+
+def test_first_round_with_only_local_scores_still_values_every_module() -> None:
+    """lambda = 1 before any client has reported local scores: all modules stay worth
+    training (a zero everywhere would make the knapsack choose nothing)."""
+    out = combine({}, {}, 1.0, ["a", "b"])
+    assert out == {"a": 1.0, "b": 1.0}
+    floored = combine({"a": 1.0, "b": 0.0}, {}, 1.0, ["a", "b"])
+    assert floored["b"] > 0 and floored["a"] == 1.0

@@ -1,0 +1,647 @@
+"""`fedpilot bench quality`: Fed-piLot against ablations and baselines on the real system.
+
+Per partition setting (Dirichlet alpha, or IID) one local cluster of real
+processes runs: a coordinator (SQLite, or PostgreSQL when
+``FEDPILOT_DATABASE_URL`` is set) and N workers on loopback whose memory
+budgets fit about 25%, 50% and 100% of the LoRA modules of a measured profile
+(as in ``fedpilot demo``). Every method is one job, submitted after the
+previous one finished, to the same coordinator and workers; the job seed, the
+data and the initial adapter are the same for all. Workers profile the
+configuration once (the first job); later jobs of the same setting start
+with copies of those measured profiles, so no method pays for profiling.
+
+The unconstrained upper bound runs last on fresh workers of the same data
+whose budgets fit every module, all training every module.
+
+Memory-budget violations are counted from the coordinator's database: a
+training task whose predicted peak exceeds its worker's budget, or an update
+whose measured peak does.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpilot.cluster import LocalCluster, write_csv
+from fedpilot.core.memory import MemoryModel
+from fedpilot.core.partition import dirichlet_partition, iid_partition
+from fedpilot.demo import DEFAULT_DATASET, tier_budgets
+
+CONSTRAINED = "constrained"
+UNCONSTRAINED = "unconstrained"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str
+    """What it is: paper, ablation, baseline or bound."""
+    overrides: Mapping[str, Any]
+    budgets: str = CONSTRAINED
+
+
+def _agg(**kwargs: Any) -> dict[str, Any]:
+    return {"aggregation": kwargs}
+
+
+METHODS: tuple[Method, ...] = (
+    Method("fedpilot", "paper", {}),
+    # lambda 0.99, not 1: with 1 every score of round 1 is 0 (no worker has reported
+    # local scores yet), the knapsack picks nothing and the job fails.
+    Method("ig-local-only", "ablation", {"ig_lambda": 0.99}),
+    Method("ig-global-only", "ablation", {"ig_lambda": 0.0}),
+    Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0})),
+    Method("exact-merge", "ablation", _agg(merge="exact")),
+    Method("uniform", "baseline", {"strategy": "uniform"}),
+    Method("full", "baseline", {"strategy": "full"}),
+    Method("random", "baseline", {"strategy": "random"}),
+    Method("top-down", "baseline", {"strategy": "top-down"}),
+    Method("fedavg", "baseline", _agg(rule="fedavg")),
+    Method("unconstrained", "bound", {"strategy": "full"}, budgets=UNCONSTRAINED),
+)
+"""Every compared method. ``fedpilot`` is the paper's method (knapsack over
+IG-Scores with lambda 0.5, STAgg with DWA, ``factors`` merge); each other row
+changes one thing."""
+
+METHOD_NAMES = tuple(m.name for m in METHODS)
+
+
+@dataclass
+class QualityConfig:
+    workers: int = 8
+    rounds: int = 6
+    settings: tuple[str, ...] = ("dirichlet-0.5",)
+    methods: tuple[str, ...] = METHOD_NAMES
+    dataset: Path = DEFAULT_DATASET
+    model: str = ""
+    """Local HF model directory; empty = the bundled all-MiniLM-L6-v2."""
+    classes: int = 20
+    per_class: int = 30
+    eval_per_class: int = 10
+    local_steps: int = 5
+    batch_size: int = 16
+    max_seq_len: int = 32
+    learning_rate: float = 5e-3
+    lora_rank: int = 8
+    targets: tuple[str, ...] = ("query", "value")
+    seed: int = 0
+    target_accuracy: float | None = None
+    """None = 90% of the best accuracy the unconstrained bound reached (same target for all)."""
+    out: Path = Path("./data/bench-quality")
+    database_url: str = ""
+    round_deadline_s: float = 900.0
+    reuse_profiles: bool = True
+
+
+def quick(config: QualityConfig) -> QualityConfig:
+    """Minutes instead of most of an hour: fewer rounds, steps, classes and examples."""
+    return replace(
+        config,
+        rounds=3,
+        local_steps=3,
+        classes=min(config.classes, 10),
+        per_class=min(config.per_class, 30),
+        eval_per_class=min(config.eval_per_class, 10),
+    )
+
+
+def parse_setting(text: str) -> tuple[str, float | None]:
+    """``iid``, ``dirichlet-0.5`` or ``0.5`` -> (canonical name, alpha or None)."""
+    t = text.strip().lower()
+    if t == "iid":
+        return "iid", None
+    alpha = float(t.removeprefix("dirichlet-").removeprefix("dirichlet"))
+    if not alpha > 0:
+        raise ValueError(f"Dirichlet alpha must be > 0: {text!r}")
+    return f"dirichlet-{alpha:g}", alpha
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+def load_split(
+    dataset: Path, classes: int, per_class: int, eval_per_class: int, seed: int
+) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
+    """Training and held-out examples of the first ``classes`` label names (sorted).
+
+    ``dataset`` is a folder with ``train.csv`` and ``test.csv`` (BANKING77's layout),
+    or one CSV with text and label columns, split per class without overlap.
+    """
+    from fedpilot.worker.data import load_csv
+
+    rng = np.random.default_rng(seed)
+    if dataset.is_dir():
+        train = load_csv(dataset / "train.csv")
+        names = sorted(train.label_names)[:classes]
+        test = load_csv(dataset / "test.csv", label_names=names)
+        train = load_csv(dataset / "train.csv", label_names=names)
+        sources = [(train, per_class, 0), (test, eval_per_class, 0)]
+    else:
+        data = load_csv(dataset)
+        names = sorted(data.label_names)[:classes]
+        data = load_csv(dataset, label_names=names)
+        sources = [(data, per_class, 0), (data, eval_per_class, per_class)]
+    out: list[tuple[list[str], list[int]]] = []
+    orders: dict[int, dict[int, np.ndarray]] = {}
+    for data, count, skip in sources:
+        if id(data) not in orders:
+            by_class = {c: np.flatnonzero(np.asarray(data.labels) == c) for c in range(len(names))}
+            orders[id(data)] = {c: rng.permutation(idx) for c, idx in by_class.items()}
+        texts, labels = [], []
+        for c in range(len(names)):
+            for i in orders[id(data)][c][skip : skip + count]:
+                texts.append(data.texts[int(i)])
+                labels.append(c)
+        out.append((texts, labels))
+    (tr_x, tr_y), (ev_x, ev_y) = out
+    if not tr_x or not ev_x:
+        raise ValueError(f"{dataset}: no training or held-out examples for {names}")
+    return tr_x, tr_y, ev_x, ev_y, names
+
+
+def partition(
+    labels: list[int], workers: int, alpha: float | None, seed: int, min_size: int
+) -> list[np.ndarray]:
+    """IID or Dirichlet(alpha) label skew; every worker gets at least ``min_size`` examples
+    when a split allows it, else as close to that as possible (never none)."""
+    if alpha is None:
+        return iid_partition(len(labels), workers, seed)
+    for size in sorted({min_size, max(1, min_size // 2), max(1, min_size // 4), 1}, reverse=True):
+        try:
+            return dirichlet_partition(labels, workers, alpha, seed, min_size=size)
+        except ValueError:
+            continue
+    raise ValueError(f"no Dirichlet({alpha}) split gives {workers} workers an example each")
+
+
+# -- profile and budgets ------------------------------------------------------------------
+
+
+def _model_spec(config: QualityConfig, num_labels: int) -> Any:
+    from fedpilot.worker.model import ModelSpec
+
+    return ModelSpec(
+        model_path=config.model or None,
+        num_labels=num_labels,
+        lora_rank=config.lora_rank,
+        lora_alpha=2 * config.lora_rank,
+        target_modules=tuple(config.targets),
+        max_seq_len=config.max_seq_len,
+        batch_size=config.batch_size,
+    )
+
+
+def measure_profile(config: QualityConfig, num_labels: int) -> MemoryModel:
+    """The memory model of the configuration, measured as a worker measures it."""
+    from fedpilot.worker.model import load_model
+    from fedpilot.worker.profiling import dummy_batch, profile_memory
+
+    model = load_model(_model_spec(config, num_labels), seed=config.seed)
+    return profile_memory(model, dummy_batch(model, config.batch_size, config.max_seq_len))
+
+
+def unconstrained_budget(memory: MemoryModel) -> int:
+    """Room for every module with a wide margin."""
+    return int(memory.full_cost() * 2)
+
+
+# -- one job -------------------------------------------------------------------------------
+
+
+def job_spec(
+    config: QualityConfig, method: Method, labels: list[str], eval_file: Path
+) -> dict[str, Any]:
+    from fedpilot.coordinator.jobspec import JobSpec
+
+    spec: dict[str, Any] = {
+        "name": f"quality-{method.name}",
+        "model": config.model,
+        "labels": labels,
+        "rounds": config.rounds,
+        "min_workers": config.workers,
+        "local_steps": config.local_steps,
+        "batch_size": config.batch_size,
+        "max_seq_len": config.max_seq_len,
+        "learning_rate": config.learning_rate,
+        "round_deadline_s": config.round_deadline_s,
+        "quorum": 0.5,
+        "seed": config.seed,
+        "lora": {
+            "rank": config.lora_rank,
+            "alpha": 2 * config.lora_rank,
+            "target_modules": list(config.targets),
+        },
+        "eval_dataset": str(eval_file),
+        "ig_probe_batches": 1,
+    }
+    for key, value in method.overrides.items():
+        if isinstance(value, dict):
+            merged = dict(spec.get(key, {}))
+            for k, v in value.items():
+                merged[k] = {**merged.get(k, {}), **v} if isinstance(v, dict) else v
+            spec[key] = merged
+        else:
+            spec[key] = value
+    return JobSpec.model_validate(spec).model_dump(mode="json")
+
+
+def create_job(cluster: LocalCluster, spec: Mapping[str, Any], profiles_from: str | None) -> str:
+    """Insert the job; with ``profiles_from``, in the same transaction, copies of that
+    job's measured profiles (same workers, same configuration), so the round driver
+    assigns at once instead of profiling again."""
+    from fedpilot.coordinator.db.models import Job, Profile
+
+    store = cluster.store
+    if profiles_from is None:
+        return store.create_job(str(spec["name"]), spec)
+    source = store.profiles(profiles_from)
+    job_id = str(uuid.uuid4())
+    with store.session() as s, s.begin():
+        s.add(
+            Job(
+                id=job_id, name=str(spec["name"]), spec=dict(spec), state="waiting", current_round=0
+            )
+        )
+        s.flush()
+        for p in source.values():
+            s.add(
+                Profile(
+                    job_id=job_id,
+                    worker_id=p.worker_id,
+                    memory=p.memory,
+                    tensors=p.tensors,
+                    budget_bytes=p.budget_bytes,
+                    method=p.method,
+                    device=p.device,
+                )
+            )
+    return job_id
+
+
+def wait_job(
+    cluster: LocalCluster,
+    job_id: str,
+    timeout_s: float,
+    on_round: Callable[[int, Mapping[str, Any]], None] | None = None,
+) -> str:
+    shown: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for name, proc in cluster.processes.items():
+            if proc.poll() is not None and proc.returncode not in (0, -signal.SIGTERM):
+                raise RuntimeError(
+                    f"{name} exited ({proc.returncode}); see {cluster.work_dir / (name + '.log')}"
+                )
+        job = cluster.store.job(job_id)
+        assert job is not None
+        if on_round is not None:
+            for rnd in cluster.store.rounds(job_id):
+                if rnd.number not in shown and "eval_accuracy" in rnd.metrics:
+                    shown.add(rnd.number)
+                    on_round(rnd.number, rnd.metrics)
+        if job.state in ("done", "failed", "cancelled"):
+            return job.state if job.state == "done" else f"{job.state}: {job.error}"
+        if time.monotonic() > deadline:
+            cluster.store.cancel_job(job_id)
+            return f"timed out after {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
+def violations(cluster: LocalCluster, job_id: str, rounds: int) -> dict[str, int]:
+    """Budget violations stored for the job: predicted (assigned tasks) and measured (updates)."""
+    store = cluster.store
+    budgets = {w.id: w.budget_bytes for w in store.workers()}
+    predicted = measured = assigned = 0
+    for number in range(1, rounds + 1):
+        for t in store.tasks(job_id, number, "train"):
+            if t.status == "refused":
+                continue
+            assigned += 1
+            predicted += t.predicted_bytes > budgets[t.worker_id]
+        for u in store.updates(job_id, number):
+            measured += u.measured_peak_bytes > budgets[u.worker_id]
+    return {"predicted": predicted, "measured": measured, "assigned_tasks": assigned}
+
+
+def job_result(cluster: LocalCluster, job_id: str, config: QualityConfig) -> dict[str, Any]:
+    store = cluster.store
+    rounds = store.rounds(job_id)
+    accuracy = [float(r.metrics["eval_accuracy"]) for r in rounds if "eval_accuracy" in r.metrics]
+    moved = sum(
+        int(r.metrics.get("bytes_in", 0)) + int(r.metrics.get("bytes_out", 0)) for r in rounds
+    )
+    modules, trained_workers, train_s = [], 0, 0.0
+    for r in rounds:
+        tasks = [t for t in store.tasks(job_id, r.number, "train") if t.status != "refused"]
+        modules += [len(t.modules) for t in tasks]
+        trained_workers += len(tasks)
+        train_s += sum(u.train_seconds for u in store.updates(job_id, r.number))
+    v = violations(cluster, job_id, config.rounds)
+    return {
+        "accuracy": accuracy,
+        "final_accuracy": accuracy[-1] if accuracy else None,
+        "best_accuracy": max(accuracy) if accuracy else None,
+        "bytes_moved": moved,
+        "violations": v["predicted"] + v["measured"],
+        "violations_predicted": v["predicted"],
+        "violations_measured": v["measured"],
+        "assigned_tasks": v["assigned_tasks"],
+        "mean_modules": round(float(np.mean(modules)), 2) if modules else 0.0,
+        "workers_per_round": round(trained_workers / max(1, len(rounds)), 2),
+        "train_seconds": round(train_s, 1),
+    }
+
+
+# -- a setting: one cluster, every method --------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where progress lines go (stderr by default); the CLI passes a rich console."""
+
+    print: Callable[[str], None] = field(default=lambda s: None)
+
+
+def run_setting(
+    config: QualityConfig, setting: str, progress: Progress
+) -> Iterator[dict[str, Any]]:
+    from fedpilot.coordinator.settings import CoordinatorSettings
+
+    name, alpha = parse_setting(setting)
+    out = (config.out / name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    texts, labels, ev_texts, ev_labels, names = load_split(
+        config.dataset, config.classes, config.per_class, config.eval_per_class, config.seed
+    )
+    parts = partition(labels, config.workers, alpha, config.seed, min_size=config.batch_size)
+    files = [
+        write_csv(
+            out / "data" / f"worker{i}.csv", [texts[j] for j in p], [names[labels[j]] for j in p]
+        )
+        for i, p in enumerate(parts)
+    ]
+    eval_file = write_csv(out / "data" / "eval.csv", ev_texts, [names[y] for y in ev_labels])
+    progress.print(
+        f"[{name}] {len(texts)} training examples of {len(names)} classes over "
+        f"{config.workers} workers (sizes {', '.join(str(len(p)) for p in parts)}); "
+        f"{len(ev_texts)} held out"
+    )
+    memory = measure_profile(config, len(names))
+    budgets = tier_budgets(memory, config.workers)
+    progress.print(
+        f"[{name}] memory: M0 {memory.base_bytes / 2**20:.0f} MiB, all {len(memory.modules)} "
+        f"modules {memory.full_cost() / 2**20:.0f} MiB; budgets "
+        + ", ".join(f"{b / 2**20:.0f}" for b in budgets)
+        + " MiB"
+    )
+    wanted = [m for m in METHODS if m.name in config.methods]
+    heartbeat_timeout = CoordinatorSettings().heartbeat_timeout_s
+    job_timeout = config.rounds * 2 * config.round_deadline_s + 600
+    cluster = LocalCluster(
+        out / f"cluster-{uuid.uuid4().hex[:6]}", db_url=config.database_url, log_level="warning"
+    )
+    try:
+        cluster.start_coordinator()
+        for group in (CONSTRAINED, UNCONSTRAINED):
+            methods = [m for m in wanted if m.budgets == group]
+            if not methods:
+                continue
+            prefix = "w" if group == CONSTRAINED else "u"
+            names_now = _start_workers(cluster, config, memory, budgets, files, group, prefix)
+            _wait_alive(cluster, names_now, heartbeat_timeout)
+            profiled: str | None = None
+            for method in methods:
+                spec = job_spec(config, method, names, eval_file)
+                start = time.monotonic()
+                job_id = create_job(cluster, spec, profiled if config.reuse_profiles else None)
+
+                def shout(number: int, m: Mapping[str, Any], method: Method = method) -> None:
+                    progress.print(
+                        f"[{name}] {method.name} round {number}: accuracy "
+                        f"{m['eval_accuracy']:.3f}, train loss {m['train_loss_before']:.3f} -> "
+                        f"{m['train_loss_after']:.3f}, {m['updates']} updates"
+                    )
+
+                state = wait_job(cluster, job_id, job_timeout, shout)
+                wall = time.monotonic() - start
+                if state == "done" and profiled is None:
+                    profiled = job_id
+                row = {
+                    "bench": "quality",
+                    "setting": name,
+                    "method": method.name,
+                    "kind": method.kind,
+                    "state": state,
+                    "workers": config.workers,
+                    "rounds": config.rounds,
+                    "wall_s": round(wall, 1),
+                    **job_result(cluster, job_id, config),
+                }
+                progress.print(
+                    f"[{name}] {method.name}: {state}, final accuracy "
+                    f"{row['final_accuracy']}, {row['violations']} violations, {wall:.0f} s"
+                )
+                yield row
+            for w in names_now:
+                cluster.kill(w, signal.SIGTERM)
+    finally:
+        cluster.stop()
+
+
+def _start_workers(
+    cluster: LocalCluster,
+    config: QualityConfig,
+    memory: MemoryModel,
+    budgets: list[int],
+    files: list[Path],
+    group: str,
+    prefix: str,
+) -> list[str]:
+    names = []
+    for i, path in enumerate(files):
+        name = f"{prefix}{i}"
+        if group == CONSTRAINED:
+            budget, tier = budgets[i], f"{round(100 * _tier(i))}%"
+        else:
+            budget, tier = unconstrained_budget(memory), "all"
+        cluster.start_worker(name, path, budget, {"tier": tier}, threads=1)
+        names.append(name)
+    return names
+
+
+def _tier(i: int) -> float:
+    from fedpilot.demo import TIERS
+
+    return TIERS[i % len(TIERS)]
+
+
+def _wait_alive(cluster: LocalCluster, names: list[str], heartbeat_timeout: float) -> None:
+    """Until exactly these workers count as alive (earlier ones have timed out)."""
+    deadline = time.monotonic() + 300 + heartbeat_timeout
+    want = set(names)
+    while time.monotonic() < deadline:
+        for n in names:
+            proc = cluster.processes[n]
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{n} exited ({proc.returncode}); see {cluster.work_dir / (n + '.log')}"
+                )
+        alive = {w.name for w in cluster.store.alive_workers(heartbeat_timeout)}
+        if alive == want:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"workers {sorted(want)} did not come up alone")
+
+
+# -- the whole run ---------------------------------------------------------------------------
+
+
+def finish(rows: list[dict[str, Any]], target: float | None) -> float:
+    """Fill in ``rounds_to_target`` for every row; returns the target used."""
+    if target is None:
+        bounds = [
+            r["best_accuracy"]
+            for r in rows
+            if r["method"] == "unconstrained" and r["best_accuracy"] is not None
+        ]
+        best = max(bounds) if bounds else max((r["best_accuracy"] or 0.0) for r in rows)
+        target = round(0.9 * best, 4)
+    for r in rows:
+        hit = [i + 1 for i, a in enumerate(r["accuracy"]) if a >= target]
+        r["target_accuracy"] = target
+        r["rounds_to_target"] = hit[0] if hit else None
+    return target
+
+
+def run(config: QualityConfig, progress: Progress | None = None) -> list[dict[str, Any]]:
+    progress = progress or Progress()
+    if not (config.dataset.is_file() or (config.dataset / "train.csv").is_file()):
+        raise FileNotFoundError(
+            f"{config.dataset}: neither a CSV nor a folder with train.csv/test.csv "
+            "(set FEDPILOT_BANKING77 or pass --dataset)"
+        )
+    unknown = set(config.methods) - set(METHOD_NAMES)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHOD_NAMES)}")
+    config.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for setting in config.settings:
+        for row in run_setting(config, setting, progress):
+            rows.append(row)
+    target = finish(rows, config.target_accuracy)
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "target_accuracy": target,
+        "results": rows,
+    }
+    (config.out / "results.json").write_text(json.dumps(report, indent=2))
+    (config.out / "results.md").write_text(markdown(rows, target, config))
+    plot(rows, config.out / "accuracy.png")
+    return rows
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+COLUMNS = (
+    "setting",
+    "method",
+    "kind",
+    "final acc",
+    "best acc",
+    "rounds to target",
+    "MB moved",
+    "wall s",
+    "mean modules",
+    "violations",
+)
+
+
+def cells(r: Mapping[str, Any]) -> list[str]:
+    def acc(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    return [
+        r["setting"],
+        r["method"] if r["state"] == "done" else f"{r['method']} ({r['state']})",
+        r["kind"],
+        acc(r["final_accuracy"]),
+        acc(r["best_accuracy"]),
+        "-" if r["rounds_to_target"] is None else str(r["rounds_to_target"]),
+        f"{r['bytes_moved'] / 1e6:.1f}",
+        f"{r['wall_s']:.0f}",
+        f"{r['mean_modules']:.1f}",
+        str(r["violations"]),
+    ]
+
+
+def markdown(rows: list[dict[str, Any]], target: float, config: QualityConfig) -> str:
+    lines = [
+        f"# fedpilot bench quality ({config.workers} workers, {config.rounds} rounds, "
+        f"{config.local_steps} local steps, {config.classes} classes)",
+        "",
+        f"Target accuracy for 'rounds to target': {target:.3f}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "| " + " | ".join("---" for _ in COLUMNS) + " |",
+    ]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    lines += ["", "Accuracy per round:", ""]
+    for r in rows:
+        lines.append(
+            f"- {r['setting']} {r['method']}: " + ", ".join(f"{a:.3f}" for a in r["accuracy"])
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(rows: list[dict[str, Any]], target: float) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"bench quality (target accuracy {target:.3f})")
+    for i, col in enumerate(COLUMNS):
+        table.add_column(col, justify="left" if i < 3 else "right")
+    for r in rows:
+        table.add_row(*cells(r))
+    return table
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
+    styles = {"paper": "-", "ablation": "--", "baseline": ":", "bound": "-."}
+    for ax, setting in zip(axes[0], settings, strict=True):
+        for r in rows:
+            if r["setting"] != setting or not r["accuracy"]:
+                continue
+            xs = range(1, len(r["accuracy"]) + 1)
+            ax.plot(
+                xs,
+                r["accuracy"],
+                styles.get(r["kind"], "-"),
+                marker="o",
+                markersize=3,
+                linewidth=2.5 if r["kind"] == "paper" else 1.2,
+                label=r["method"],
+            )
+        ax.set_title(setting)
+        ax.set_xlabel("round")
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
