@@ -55,9 +55,7 @@ def _agg(**kwargs: Any) -> dict[str, Any]:
 
 METHODS: tuple[Method, ...] = (
     Method("fedpilot", "paper", {}),
-    # lambda 0.99, not 1: with 1 every score of round 1 is 0 (no worker has reported
-    # local scores yet), the knapsack picks nothing and the job fails.
-    Method("ig-local-only", "ablation", {"ig_lambda": 0.99}),
+    Method("ig-local-only", "ablation", {"ig_lambda": 1.0}),
     Method("ig-global-only", "ablation", {"ig_lambda": 0.0}),
     Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0})),
     Method("exact-merge", "ablation", _agg(merge="exact")),
