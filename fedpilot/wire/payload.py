@@ -87,7 +87,7 @@ class EncodedPayload:
                 "shape": list(x.shape),
                 "data_offsets": [offset, offset + x.nbytes],
             }
-            self._views.append(memoryview(x.reshape(-1).view(np.uint8)))
+            self._views.append(x.reshape(-1).view(np.uint8).data)
             offset += x.nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
@@ -259,9 +259,11 @@ class PayloadReceiver:
         self._hashing = hashing
         self._max_chunk = max_chunk_bytes
         self._hash = hashlib.sha256()
-        self._parts: list[bytes] = []
+        # Chunks are copied once into a buffer of the declared size. np.empty leaves its
+        # pages untouched, so memory is committed as bytes arrive, not at the declaration.
+        self._buffer = np.empty(manifest.total_bytes if keep else 0, dtype=np.uint8)
         self.received = 0
-        self.data = b""
+        self.data: Buffer = b""
         """The verified payload bytes, once :meth:`finish` has passed."""
 
     def feed(self, chunk: bytes) -> None:
@@ -281,7 +283,9 @@ class PayloadReceiver:
         if self._hashing:
             self._hash.update(chunk)
         if self._keep:
-            self._parts.append(chunk)
+            self._buffer[self.received - len(chunk) : self.received] = np.frombuffer(
+                chunk, dtype=np.uint8
+            )
 
     def _verify_stream(self, sha256: str | None = None) -> None:
         if self.received != self.manifest.total_bytes:
@@ -303,8 +307,7 @@ class PayloadReceiver:
     def finish(self) -> dict[str, np.ndarray]:
         """Verify size and checksum, decode, and check every tensor against the manifest."""
         self._verify_stream()
-        self.data = b"".join(self._parts)
-        self._parts.clear()
+        self.data = self._buffer.data
         tensors = decode_tensors(self.data)
         check_tensors(tensors, self.manifest)
         return tensors
