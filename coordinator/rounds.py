@@ -30,6 +30,7 @@ from fedpilot.coordinator.db.models import Job, Task, Worker
 from fedpilot.coordinator.db.store import Store, utcnow
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.settings import CoordinatorSettings
+from fedpilot.coordinator.signals import Signals
 from fedpilot.core.aggregation import Aggregator, ClientUpdate, UpdateError, flatten, unflatten
 from fedpilot.core.ig_score import combine, global_scores
 from fedpilot.core.initial import initial_adapter
@@ -53,13 +54,13 @@ class RoundDriver:
         store: Store,
         blobs: BlobStore,
         settings: CoordinatorSettings,
-        tasks_ready: threading.Condition,
+        signals: Signals,
         evaluator: Evaluator | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.settings = settings
-        self.tasks_ready = tasks_ready
+        self.signals = signals
         self.evaluator = evaluator
         self._assign_seconds: dict[tuple[str, int], float] = {}
         """Solve time of each open round's assignment, reported with its metrics."""
@@ -67,10 +68,9 @@ class RoundDriver:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.tick()
-            # Woken early by an accepted upload (the service notifies tasks_ready), so the
-            # last update of a round starts aggregation at once instead of at the next tick.
-            with self.tasks_ready:
-                self.tasks_ready.wait(self.settings.tick_seconds)
+            # Woken early by an accepted upload, so the last update of a round starts
+            # aggregation at once instead of at the next tick.
+            self.signals.wait_for_upload(self.settings.tick_seconds)
 
     def tick(self) -> None:
         metrics.ALIVE_WORKERS.set(len(self.store.alive_workers(self.settings.heartbeat_timeout_s)))
@@ -94,8 +94,7 @@ class RoundDriver:
         step(job, spec)
 
     def _notify(self) -> None:
-        with self.tasks_ready:
-            self.tasks_ready.notify_all()
+        self.signals.tasks_created()
 
     # -- waiting and profiling -----------------------------------------------------------
 

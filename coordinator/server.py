@@ -22,6 +22,7 @@ from fedpilot.coordinator.db.store import Store, database_url
 from fedpilot.coordinator.rounds import Evaluator, RoundDriver
 from fedpilot.coordinator.service import CoordinatorService
 from fedpilot.coordinator.settings import CoordinatorSettings
+from fedpilot.coordinator.signals import Signals
 from fedpilot.tls import server_credentials
 from fedpilot.v1 import coordinator_pb2, coordinator_pb2_grpc
 from fedpilot.wire.payload import MAX_CHUNK_BYTES
@@ -63,7 +64,7 @@ def start(
     url = settings.database_url or database_url(settings.data_dir)
     store = Store.open(url)
     blobs = BlobStore(settings.data_dir / "blobs")
-    tasks_ready = threading.Condition()
+    signals = Signals()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
         options=[
@@ -71,7 +72,7 @@ def start(
             ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
         ],
     )
-    _add_servicer(CoordinatorService(store, blobs, settings, tasks_ready), server)
+    _add_servicer(CoordinatorService(store, blobs, settings, signals), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -96,7 +97,7 @@ def start(
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, addr=settings.grpc_host)
     http = _start_http(settings, store, blobs)
-    driver = RoundDriver(store, blobs, settings, tasks_ready, evaluator)
+    driver = RoundDriver(store, blobs, settings, signals, evaluator)
     stop_event = threading.Event()
     thread = threading.Thread(
         target=driver.run, args=(stop_event,), name="round-driver", daemon=True

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,7 @@ from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.ratelimit import TokenBucket
 from fedpilot.coordinator.settings import CoordinatorSettings
+from fedpilot.coordinator.signals import Signals
 from fedpilot.core.aggregation import SEPARATOR
 from fedpilot.core.memory import memory_to_json
 from fedpilot.v1 import (
@@ -118,12 +118,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         store: Store,
         blobs: BlobStore,
         settings: CoordinatorSettings,
-        tasks_ready: threading.Condition,
+        signals: Signals,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.settings = settings
-        self.tasks_ready = tasks_ready
+        self.signals = signals
         self.registrations = TokenBucket(settings.registrations_per_s, settings.registration_burst)
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
 
@@ -300,15 +300,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         worker = self._worker(context, request.worker_id)
         self.store.heartbeat(worker.id, "idle", None)
         deadline = time.monotonic() + min(request.wait_ms, self.settings.max_poll_wait_ms) / 1000
+        epoch = self.signals.task_epoch
         while True:
             task = self.store.offered_task(worker.id)
             if task is not None:
                 return coordinator_pb2.PollTaskResponse(task=self._task_message(task))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not context.is_active():
-                return coordinator_pb2.PollTaskResponse()
-            with self.tasks_ready:
-                self.tasks_ready.wait(timeout=min(remaining, 1.0))
+            # Query again only when tasks were created since (one wake-up per round for
+            # each waiting worker, not one per upload or per second).
+            seen = epoch
+            while epoch == seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not context.is_active():
+                    return coordinator_pb2.PollTaskResponse()
+                epoch = self.signals.wait_for_tasks(seen, min(remaining, 1.0))
 
     def _task_message(self, task: Task) -> coordinator_pb2.Task:
         job = self.store.job(task.job_id)
@@ -475,8 +479,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             metrics.BYTES_IN.inc(size)
             metrics.WORKER_PEAK.labels(worker=worker.name).set(m.measured_peak_bytes)
             metrics.WORKER_PREDICTED.labels(worker=worker.name).set(m.predicted_peak_bytes)
-        with self.tasks_ready:
-            self.tasks_ready.notify_all()
+        self.signals.upload_accepted()
         return coordinator_pb2.UploadUpdateResponse(
             update_id=str(record.update_id), duplicate=record.duplicate
         )

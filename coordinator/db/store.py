@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import bindparam, create_engine, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -119,6 +120,12 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._known: dict[str, Worker] = {}
+        """Authenticated workers by id: a worker's token hash never changes, so every call
+        after the first skips the database (at 500 workers that was most of its load)."""
+        self._beats: dict[str, tuple[datetime, str, str | None]] = {}
+        """Heartbeats not yet written; flushed in one statement before liveness is read."""
+        self._beats_lock = threading.Lock()
 
     @classmethod
     def open(cls, url: str, *, upgrade: bool = True) -> Store:
@@ -153,29 +160,65 @@ class Store:
 
     @retrying
     def authenticate(self, worker_id: str, token: str) -> Worker:
-        with self.session() as s:
-            worker = s.get(Worker, worker_id) if plausible_id(worker_id) else None
+        worker = self._known.get(worker_id)
+        if worker is None:
+            with self.session() as s:
+                worker = s.get(Worker, worker_id) if plausible_id(worker_id) else None
         expected = worker.token_hash if worker is not None else hash_token(secrets.token_hex(8))
         if not hmac.compare_digest(expected, hash_token(token)) or worker is None:
             raise AuthError("unknown worker or bad token")
+        if len(self._known) >= 100_000:
+            self._known.clear()
+        self._known[worker.id] = worker
         return worker
 
     @retrying
     def heartbeat(self, worker_id: str, state: str, task_id: str | None) -> None:
-        with self.session() as s, s.begin():
-            s.execute(
-                update(Worker)
-                .where(Worker.id == worker_id)
-                .values(last_heartbeat=utcnow(), state=state, current_task=task_id or None)
-            )
+        """Record a heartbeat in memory; :meth:`flush_heartbeats` writes them together.
+
+        Liveness is only ever read through :meth:`workers` and :meth:`alive_workers`,
+        which flush first, so readers in this process never see a stale heartbeat; a
+        crash loses at most the heartbeats of one driver tick."""
+        with self._beats_lock:
+            self._beats[worker_id] = (utcnow(), state, task_id or None)
+
+    @retrying
+    def flush_heartbeats(self) -> int:
+        with self._beats_lock:
+            beats, self._beats = self._beats, {}
+        if not beats:
+            return 0
+        rows = [
+            {"wid": wid, "at": at, "state": state, "task": task}
+            for wid, (at, state, task) in beats.items()
+        ]
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(Worker.__table__)
+                    .where(Worker.__table__.c.id == bindparam("wid"))
+                    .values(
+                        last_heartbeat=bindparam("at"),
+                        state=bindparam("state"),
+                        current_task=bindparam("task"),
+                    ),
+                    rows,
+                )
+        except BaseException:
+            with self._beats_lock:  # keep them for the next flush (newer ones win)
+                self._beats = {**beats, **self._beats}
+            raise
+        return len(rows)
 
     @retrying
     def workers(self) -> list[Worker]:
+        self.flush_heartbeats()
         with self.session() as s:
             return list(s.scalars(select(Worker).order_by(Worker.registered_at)))
 
     @retrying
     def alive_workers(self, timeout_s: float) -> list[Worker]:
+        self.flush_heartbeats()
         since = utcnow() - timedelta(seconds=timeout_s)
         with self.session() as s:
             return list(
