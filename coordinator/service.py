@@ -125,6 +125,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.settings = settings
         self.signals = signals
         self.registrations = TokenBucket(settings.registrations_per_s, settings.registration_burst)
+        self._manifests: dict[str, transfer_pb2.PayloadManifest] = {}
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
 
     # -- helpers -----------------------------------------------------------------------------
@@ -369,8 +370,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         assert version is not None and job is not None
         spec = JobSpec.model_validate(job.spec)
-        with self.blobs.mapped(version.sha256) as data:
-            payload = _manifest_of(data, version.sha256)
+        payload = self._manifests.get(version.sha256)
+        if payload is None:  # a version never changes: describe it once, not per download
+            with self.blobs.mapped(version.sha256) as data:
+                payload = _manifest_of(data, version.sha256)
+            if len(self._manifests) >= 64:
+                self._manifests.clear()
+            self._manifests[version.sha256] = payload
         yield transfer_pb2.AdapterChunk(
             manifest=transfer_pb2.AdapterManifest(
                 job_id=job.id,
