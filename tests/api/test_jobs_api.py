@@ -77,6 +77,23 @@ def test_bad_specs_get_422_naming_the_field_and_store_nothing(api: Api, patch, f
     assert api.coordinator.store.count(Job) == 0
 
 
+def test_refused_specs_are_counted(api: Api) -> None:
+    from prometheus_client import REGISTRY
+
+    def count() -> float:
+        return (
+            REGISTRY.get_sample_value(
+                "fedpilot_rejections_total", {"reason": "api_invalid_request"}
+            )
+            or 0.0
+        )
+
+    before = count()
+    for patch in ({"rounds": -1}, {"participants": 10**9}, {"lora": {"rank": 10**6}}):
+        assert api.http.post("/api/v1/jobs", json={**GOOD, **patch}).status_code == 422
+    assert count() == before + 3
+
+
 def test_malformed_bodies_are_422(api: Api) -> None:
     for body, ctype in [(b"{not json", "application/json"), (b"[]", "application/json")]:
         r = api.http.post("/api/v1/jobs", content=body, headers={"Content-Type": ctype})
