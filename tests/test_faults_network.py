@@ -186,3 +186,52 @@ def test_a_worker_cut_off_without_a_close_is_left_behind(
             assert cluster.processes["b"].poll() is None
         finally:
             proxy.close()
+
+
+def test_a_worker_killed_mid_upload_leaves_nothing_and_rejoins(
+    tmp_path: Path,
+    tiny_dir: Path,
+    pg_url: str,
+    fast_liveness: None,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.test_faults import _kill
+
+    job_file = _job(tmp_path, tiny_dir, rounds=3, quorum=0.5)
+    b_csv = _csv(tmp_path / "b.csv", 64, seed=2)
+    with LocalCluster(tmp_path / "cluster", db_url=pg_url) as cluster:
+        cluster.start_coordinator(job=job_file, evaluate=False)
+        (job,) = cluster.store.jobs()
+        store = cluster.store
+        cluster.start_worker("a", _csv(tmp_path / "a.csv", 64, seed=1), BUDGET)
+        # b stalls every upload right after its manifest: the coordinator holds an open
+        # stream (and a staged blob) when b dies.
+        monkeypatch.setenv("FEDPILOT_FAULT_UPLOAD_DELAY_S", "600")
+        cluster.start_worker("b", b_csv, BUDGET)
+        monkeypatch.delenv("FEDPILOT_FAULT_UPLOAD_DELAY_S")
+
+        def b_uploading() -> tuple[str, int] | None:
+            names = _names(store)
+            current = store.job(job.id)
+            for w in store.workers():
+                if names[w.id] == "b" and w.state == "uploading" and current is not None:
+                    return w.id, current.current_round
+            return None
+
+        old_b, number = _wait(cluster, "b to be uploading", b_uploading)
+        _kill(cluster, "b")
+        cluster.start_worker("b", b_csv, BUDGET)
+        _done(cluster, job.id, timeout_s=180)
+
+        # Assert: the broken stream stored nothing (no row, no staged file left), b was
+        # a straggler of that round, and the new b trained later.
+        assert_consistent(store, job.id, rounds=3)
+        assert all(u.worker_id != old_b for n in (1, 2, 3) for u in store.updates(job.id, n))
+        rnd = store.round(job.id, number)
+        assert rnd is not None and old_b in rnd.stragglers
+        staging = cluster.data_dir / "blobs" / "00"
+        assert not list(staging.glob(".tmp-*")), "a staged upload was left behind"
+        names = _names(store)
+        new_b = {w.id for w in store.workers() if names[w.id] == "b"} - {old_b}
+        later = [u for n in range(number + 1, 4) for u in store.updates(job.id, n)]
+        assert any(u.worker_id in new_b for u in later), _logs(cluster)

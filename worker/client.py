@@ -7,6 +7,8 @@ Retries and reconnection are the caller's policy (:mod:`fedpilot.worker.service`
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -170,9 +172,19 @@ class CoordinatorClient:
 
         def messages() -> Iterator[transfer_pb2.UploadUpdateRequest]:
             yield transfer_pb2.UploadUpdateRequest(manifest=full)
+            _fault_hold_upload()
             for chunk in payload.chunks():
                 yield transfer_pb2.UploadUpdateRequest(data=chunk)
 
         return self._stub.UploadUpdate(
             messages(), metadata=self._metadata(), timeout=self._timeout * 10
         )
+
+
+def _fault_hold_upload() -> None:
+    """Test-only fault injection, off by default: with ``FEDPILOT_FAULT_UPLOAD_DELAY_S``
+    set, an upload stalls that long after its manifest, so a test can kill the worker
+    with the stream open on the coordinator."""
+    delay = float(os.environ.get("FEDPILOT_FAULT_UPLOAD_DELAY_S") or 0)
+    if delay > 0:
+        time.sleep(delay)
