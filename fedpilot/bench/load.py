@@ -79,9 +79,9 @@ def _worker(
 ) -> None:
     import grpc
 
+    from fedpilot.bench.round import simulated_update
     from fedpilot.bench.synthetic import encoder_memory
-    from fedpilot.core.aggregation import SEPARATOR
-    from fedpilot.v1 import coordinator_pb2, profile_pb2, transfer_pb2
+    from fedpilot.v1 import coordinator_pb2, profile_pb2
     from fedpilot.wire.payload import tensor_specs
     from fedpilot.wire.serde import memory_to_proto
     from fedpilot.worker.client import CoordinatorClient
@@ -127,22 +127,7 @@ def _worker(
                 "DownloadAdapter",
                 lambda t=task: client.download_adapter(t.job_id, t.adapter_version),
             )
-            assigned = set(task.modules)
-            update = {
-                k: v + rng.standard_normal(v.shape, dtype=np.float32) * np.float32(1e-3)
-                for k, v in adapter.items()
-                if k.rpartition(SEPARATOR)[0] in assigned
-            }
-            manifest = transfer_pb2.UpdateManifest(
-                job_id=task.job_id,
-                round=task.round,
-                task_id=task.task_id,
-                base_version=task.adapter_version,
-                num_samples=10,
-                train_loss_before=1.0,
-                train_loss_after=0.9,
-                predicted_peak_bytes=task.predicted_peak_bytes,
-            )
+            manifest, update = simulated_update(task, adapter, rng)
             timed("UploadUpdate", lambda m=manifest, u=update: client.upload_update(m, u))
         except grpc.RpcError as e:
             if stop.is_set():

@@ -201,6 +201,35 @@ def _profile_message(config: RoundConfig, budget: int) -> Any:
     )
 
 
+def simulated_update(
+    task: Any, adapter: dict[str, np.ndarray], rng: np.random.Generator, train_seconds: float = 0
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """What a worker that skipped training uploads: the assigned modules of the adapter,
+    slightly perturbed (real float32 tensors), with a manifest as a real worker fills it."""
+    from fedpilot.core.aggregation import SEPARATOR
+    from fedpilot.v1 import transfer_pb2
+
+    assigned = set(task.modules)
+    update = {
+        k: v + rng.standard_normal(v.shape, dtype=np.float32) * np.float32(1e-3)
+        for k, v in adapter.items()
+        if k.rpartition(SEPARATOR)[0] in assigned
+    }
+    manifest = transfer_pb2.UpdateManifest(
+        job_id=task.job_id,
+        round=task.round,
+        task_id=task.task_id,
+        base_version=task.adapter_version,
+        num_samples=100,
+        train_loss_before=1.0,
+        train_loss_after=0.9,
+        local_scores={m: float(rng.random()) for m in assigned},
+        predicted_peak_bytes=task.predicted_peak_bytes,
+        train_seconds=train_seconds,
+    )
+    return manifest, update
+
+
 def _simulated_worker(
     address: str,
     index: int,
@@ -212,8 +241,7 @@ def _simulated_worker(
 ) -> None:
     import grpc
 
-    from fedpilot.core.aggregation import SEPARATOR
-    from fedpilot.v1 import coordinator_pb2, transfer_pb2
+    from fedpilot.v1 import coordinator_pb2
     from fedpilot.worker.client import CoordinatorClient
 
     client = CoordinatorClient(address, timeout_s=600)
@@ -233,25 +261,7 @@ def _simulated_worker(
             _, adapter = client.download_adapter(task.job_id, task.adapter_version)
             if config.compute_s:
                 time.sleep(config.compute_s)
-            assigned = set(task.modules)
-            update = {
-                k: v + rng.standard_normal(v.shape, dtype=np.float32) * np.float32(1e-3)
-                for k, v in adapter.items()
-                if k.rpartition(SEPARATOR)[0] in assigned
-            }
-            manifest = transfer_pb2.UpdateManifest(
-                job_id=task.job_id,
-                round=task.round,
-                task_id=task.task_id,
-                base_version=task.adapter_version,
-                num_samples=100,
-                train_loss_before=1.0,
-                train_loss_after=0.9,
-                local_scores={m: float(rng.random()) for m in assigned},
-                predicted_peak_bytes=task.predicted_peak_bytes,
-                train_seconds=config.compute_s,
-            )
-            client.upload_update(manifest, update)
+            client.upload_update(*simulated_update(task, adapter, rng, config.compute_s))
         except grpc.RpcError as e:
             errors.append(f"{index}: {e.code()}")  # type: ignore[attr-defined]
             if stop.wait(0.5):
