@@ -6,7 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 
+from fedpilot.coordinator import modelcheck
 from fedpilot.coordinator.api import views
 from fedpilot.coordinator.api.deps import Authorized, Context
 from fedpilot.coordinator.api.schemas import (
@@ -43,6 +45,14 @@ def _job(ctx: Context, job_id: str) -> Job:
 )
 def submit(spec: JobSpec, ctx: Context) -> JobCreated:
     """Submit a job. A spec that fails validation gets 422 naming the field."""
+    found = modelcheck.problems(spec)
+    if found:
+        raise RequestValidationError(
+            [
+                {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": None}
+                for loc, msg in found
+            ]
+        )
     job_id = ctx.store.create_job(spec.name, spec.model_dump(mode="json"))
     return JobCreated(id=job_id)
 

@@ -94,6 +94,23 @@ def test_refused_specs_are_counted(api: Api) -> None:
     assert count() == before + 3
 
 
+def test_specs_impossible_for_the_model_are_422(api: Api, tiny_dir) -> None:
+    """Checked against the model's config.json: the bundled MiniLM (hidden 384, 512
+    positions) and a local model directory."""
+    cases = [
+        ({"lora": {"rank": 400}}, "lora.rank", "hidden size 384"),
+        ({"max_seq_len": 1024}, "max_seq_len", "512 positions"),
+        ({"model": str(tiny_dir), "lora": {"rank": 500}}, "lora.rank", "hidden size"),
+    ]
+    for patch, field, why in cases:
+        r = api.http.post("/api/v1/jobs", json={**GOOD, **patch})
+        assert r.status_code == 422, r.text
+        (error,) = r.json()["detail"]
+        assert ".".join(error["loc"][1:]) == field and why in error["msg"]
+    assert api.coordinator.store.count(Job) == 0
+    assert api.http.post("/api/v1/jobs", json={**GOOD, "lora": {"rank": 64}}).status_code == 201
+
+
 def test_malformed_bodies_are_422(api: Api) -> None:
     for body, ctype in [(b"{not json", "application/json"), (b"[]", "application/json")]:
         r = api.http.post("/api/v1/jobs", content=body, headers={"Content-Type": ctype})
