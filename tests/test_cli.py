@@ -113,8 +113,9 @@ def test_bench_aggregate_prints_throughput_against_memcpy() -> None:
     (row,) = _json_lines(result.stdout)
     assert row["bench"] == "aggregate" and row["clients"] == 3
     assert row["gb_per_s"] > 0 and row["memcpy_gb_per_s"] > 0
+    # Each field is rounded on its own: compare within their rounding, not exactly.
     assert row["ratio_to_memcpy"] == pytest.approx(
-        row["gb_per_s"] / row["memcpy_gb_per_s"], rel=0.01
+        row["gb_per_s"] / row["memcpy_gb_per_s"], rel=0.02, abs=1e-3
     )
 
 
