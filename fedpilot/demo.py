@@ -13,9 +13,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from rich.console import Console
@@ -56,6 +57,8 @@ class DemoConfig:
     out: Path = Path("./data/demo")
     database_url: str = ""
     http_port: int = 8080
+    model: str = ""
+    """Local HF model directory; empty = the bundled all-MiniLM-L6-v2."""
     seed: int = 0
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
@@ -89,11 +92,23 @@ def _load(
     return texts, labels, names
 
 
-def _model_spec(config: DemoConfig, num_labels: int) -> ModelSpec:
-    """The worker-side model of the demo job (same LoRA settings as the job spec)."""
+class LoraSetup(Protocol):
+    """The model fields a local run shares with its job spec (demo and quality bench)."""
+
+    model: str
+    lora_rank: int
+    targets: Sequence[str]
+    max_seq_len: int
+    batch_size: int
+    seed: int
+
+
+def model_spec(config: LoraSetup, num_labels: int) -> ModelSpec:
+    """The worker-side model of the run's jobs (same LoRA settings as the job spec)."""
     from fedpilot.worker.model import ModelSpec
 
     return ModelSpec(
+        model_path=config.model or None,
         num_labels=num_labels,
         lora_rank=config.lora_rank,
         lora_alpha=2 * config.lora_rank,
@@ -103,12 +118,12 @@ def _model_spec(config: DemoConfig, num_labels: int) -> ModelSpec:
     )
 
 
-def _profile(config: DemoConfig, num_labels: int) -> MemoryModel:
+def measure_profile(config: LoraSetup, num_labels: int) -> MemoryModel:
+    """The memory model of the configuration, measured as a worker measures it."""
     from fedpilot.worker.model import load_model
     from fedpilot.worker.profiling import dummy_batch, profile_memory
 
-    spec = _model_spec(config, num_labels)
-    model = load_model(spec, seed=config.seed)
+    model = load_model(model_spec(config, num_labels), seed=config.seed)
     return profile_memory(model, dummy_batch(model, config.batch_size, config.max_seq_len))
 
 
@@ -159,7 +174,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, ob
     )
 
     with console.status("measuring the memory profile of the configuration..."):
-        memory = _profile(config, len(names))
+        memory = measure_profile(config, len(names))
     budgets = tier_budgets(memory, config.workers)
     console.print(
         f"memory model: M0 {_mib(memory.base_bytes)}, all {len(memory.modules)} "
@@ -356,7 +371,7 @@ def _export(
     assert version is not None
     blobs = cluster.data_dir / "blobs" / version.sha256[:2] / version.sha256
     modules = unflatten(decode_tensors(blobs.read_bytes()))
-    spec = _model_spec(config, num_labels)
+    spec = model_spec(config, num_labels)
     model = load_model(spec, seed=config.seed)
     load_module_state(model, modules)
     return save_adapter(model, target)

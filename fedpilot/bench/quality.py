@@ -34,7 +34,7 @@ import numpy as np
 from fedpilot.cluster import LocalCluster, write_csv
 from fedpilot.core.memory import MemoryModel
 from fedpilot.core.partition import dirichlet_partition, iid_partition
-from fedpilot.demo import DEFAULT_DATASET, tier_budgets
+from fedpilot.demo import DEFAULT_DATASET, measure_profile, tier_budgets
 
 CONSTRAINED = "constrained"
 UNCONSTRAINED = "unconstrained"
@@ -182,29 +182,6 @@ def partition(
 
 
 # -- profile and budgets ------------------------------------------------------------------
-
-
-def _model_spec(config: QualityConfig, num_labels: int) -> Any:
-    from fedpilot.worker.model import ModelSpec
-
-    return ModelSpec(
-        model_path=config.model or None,
-        num_labels=num_labels,
-        lora_rank=config.lora_rank,
-        lora_alpha=2 * config.lora_rank,
-        target_modules=tuple(config.targets),
-        max_seq_len=config.max_seq_len,
-        batch_size=config.batch_size,
-    )
-
-
-def measure_profile(config: QualityConfig, num_labels: int) -> MemoryModel:
-    """The memory model of the configuration, measured as a worker measures it."""
-    from fedpilot.worker.model import load_model
-    from fedpilot.worker.profiling import dummy_batch, profile_memory
-
-    model = load_model(_model_spec(config, num_labels), seed=config.seed)
-    return profile_memory(model, dummy_batch(model, config.batch_size, config.max_seq_len))
 
 
 def unconstrained_budget(memory: MemoryModel) -> int:

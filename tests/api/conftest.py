@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from fedpilot.coordinator.server import RunningCoordinator, start
 from fedpilot.coordinator.settings import CoordinatorSettings
@@ -26,20 +23,6 @@ class Api:
     """Sends the token."""
     anonymous: httpx.Client
     """Sends none."""
-
-
-@pytest.fixture()
-def pg_schema_url(postgres_url: str) -> Iterator[str]:
-    """A fresh schema on the real PostgreSQL for one test."""
-    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    schema = f"api_{uuid.uuid4().hex[:10]}"
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    yield url.render_as_string(hide_password=False)
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    engine.dispose()
 
 
 @pytest.fixture()
