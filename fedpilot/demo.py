@@ -10,7 +10,6 @@ a closing table and a standard PEFT adapter on disk.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Sequence
@@ -26,15 +25,14 @@ from fedpilot.cluster import LocalCluster, write_csv
 from fedpilot.core.aggregation import unflatten
 from fedpilot.core.memory import MemoryModel
 from fedpilot.core.partition import dirichlet_partition
+from fedpilot.datasets import banking77_dir
 from fedpilot.wire.payload import decode_tensors
 
 if TYPE_CHECKING:
     from fedpilot.worker.model import ModelSpec
 
-DEFAULT_DATASET = Path(
-    os.environ.get("FEDPILOT_BANKING77")
-    or Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
-)
+DEFAULT_DATASET = banking77_dir()
+"""BANKING77 as shipped in the package, or ``$FEDPILOT_BANKING77``."""
 TIERS = (0.25, 0.5, 1.0)
 """Share of the modules each budget tier fits, cycled over the workers."""
 

@@ -1,12 +1,11 @@
 """Local training: only assigned modules move, the loss drops, on a tiny and the real model."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fedpilot.datasets import banking77_dir
 from fedpilot.worker.data import load_csv, make_batches, select, synthetic_dataset
 from fedpilot.worker.model import (
     ModelSpec,
@@ -17,12 +16,8 @@ from fedpilot.worker.model import (
 )
 from fedpilot.worker.training import evaluate, train
 
-# The data set lives beside the repository (never copied into it); override with an env var.
-BANKING77 = Path(
-    os.environ.get(
-        "FEDPILOT_BANKING77", Path(__file__).resolve().parents[3] / "shared/data/banking77"
-    )
-)
+# The copy shipped with the package (or $FEDPILOT_BANKING77).
+BANKING77 = banking77_dir()
 
 
 def _tiny_batches(spec: ModelSpec, n: int = 48, seed: int = 0) -> list:
