@@ -61,6 +61,7 @@ class MemoryModel:
     modules: tuple[ModuleCost, ...]
     _by_name: dict[str, ModuleCost] = field(init=False, repr=False, compare=False)
     _suffix: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_activation_bytes", tuple(self.layer_activation_bytes))
@@ -86,6 +87,13 @@ class MemoryModel:
             suffix[layer] = suffix[layer + 1] + self.layer_activation_bytes[layer - 1]
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "_suffix", tuple(suffix))
+        # Hashed once: strategies group a thousand clients by their model per round.
+        object.__setattr__(
+            self, "_hash", hash((self.base_bytes, self.layer_activation_bytes, self.modules))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def num_layers(self) -> int:
