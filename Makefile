@@ -9,12 +9,24 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install test demo quality protos bench clean
 
+# pip runs with -qq: on machines whose pip configuration names index folders
+# that lack a package, pip warns once per package at -q; errors still show.
+# PIP_FLAGS= make install shows everything. The packaging itself builds
+# without warnings (tests/test_packaging.py); setuptools' one informational
+# note on every editable install of a mapped layout is filtered by message.
+PIP_FLAGS ?= -qq
+PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install $(PIP_FLAGS)
+
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[worker,bench,dev]"
-	touch $@
+	@echo "installing: virtual environment $(VENV)/"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@echo "installing: $(TORCH_SPEC) (the CPU build unless TORCH_SPEC says otherwise)"
+	@$(PIP) $(TORCH_SPEC)
+	@echo "installing: fedpilot (editable) with its worker, bench and dev extras"
+	@$(PIP) -e ".[worker,bench,dev]"
+	@touch $@
+	@echo "installed: $(BIN)/fedpilot"
 
 install: $(BIN)/.installed
 
