@@ -167,8 +167,13 @@ def worker(
         typer.Option(help="Label column/key (default: label, category, intent or class)."),
     ] = None,
     skip_unknown_labels: Annotated[
-        bool, typer.Option(help="Leave out examples whose label the job does not list.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--skip-unknown-labels/--strict-labels",
+            help="Leave out examples whose label the job does not list (counted in the log), "
+            "or refuse the job's tasks when there are any.",
+        ),
+    ] = True,
     metrics_port: Annotated[
         int | None,
         typer.Option(envvar="FEDPILOT_WORKER_METRICS_PORT", help="Serve Prometheus /metrics."),

@@ -20,8 +20,10 @@ contain:
 * the job lists no names: the label column must hold class ids
   ``0 .. num_labels - 1`` (integers, or strings of digits).
 
-A label outside the job's classes is an error unless the caller asks to skip
-such examples (a shared file with more classes than the experiment uses).
+A label outside the job's classes is skipped by the worker by default, with a
+count in its log: a shared file often holds more classes than one job uses (the
+full BANKING77 file and a 20-intent job). ``--strict-labels`` makes it an error;
+:func:`to_dataset` itself is strict unless asked to skip.
 
 Every problem with the data raises :class:`DataError` (a ``ValueError``) naming
 the file and, where there is one, the line or row, before anything is trained.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -46,6 +49,8 @@ LABEL_COLUMNS = ("label", "category", "intent", "class")
 FORMATS = "a .csv file, a .jsonl file, or a directory written by datasets' save_to_disk"
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SHOWN = 5  # offending examples quoted in an error message
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -347,7 +352,7 @@ def to_dataset(
             y = found
         texts.append(examples.texts[i])
         ids.append(y)
-    if unknown and not skip_unknown_labels:
+    if unknown:
         shown = ", ".join(f"{examples.where(i)}: {examples.labels[i]!r}" for i in unknown[:_SHOWN])
         more = f" and {len(unknown) - _SHOWN} more" if len(unknown) > _SHOWN else ""
         classes = (
@@ -355,11 +360,16 @@ def to_dataset(
             if ids_mode
             else f"{len(names)} labels {list(names[:10])}{' ...' if len(names) > 10 else ''}"
         )
-        raise DataError(
+        outside = (
             f"{examples.source}: {len(unknown)} of {len(examples)} examples have a label "
-            f"outside the job's {classes} ({shown}{more}); fix the data, or skip those "
-            "examples (--skip-unknown-labels)"
+            f"outside the job's {classes} ({shown}{more})"
         )
+        if not skip_unknown_labels:
+            raise DataError(
+                f"{outside}; fix the data, or skip those examples (the worker's default, "
+                "--skip-unknown-labels)"
+            )
+        log.info("%s; skipped them, %d examples left", outside, len(texts))
     if not texts:
         raise DataError(
             f"{examples.source}: none of its {len(examples)} examples has one of the job's labels"

@@ -98,8 +98,9 @@ class WorkerSettings:
     """Column (CSV, datasets) or key (JSON Lines) of the text; None = ``text``, ``sentence``..."""
     label_column: str | None = None
     """Column or key of the label; None = ``label``, ``category``, ``intent`` or ``class``."""
-    skip_unknown_labels: bool = False
-    """Leave out examples whose label is not among the job's classes instead of refusing."""
+    skip_unknown_labels: bool = True
+    """Leave out examples whose label is not among the job's classes (counted in the log);
+    False refuses the job's tasks instead."""
     threads: int = 0
     """torch intra-op threads; 0 = torch's default. Several workers on one machine
     must share its cores, or OpenMP threads spin against each other."""

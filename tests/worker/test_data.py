@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -270,7 +271,9 @@ def _task(kind: int, labels=JOB_LABELS) -> coordinator_pb2.Task:
 
 
 def test_worker_refuses_a_task_on_data_with_unknown_labels(tmp_path) -> None:
-    service = _service(tmp_path, _csv(tmp_path / "d.csv", [*ROWS, ("x", "transfer")]))
+    service = _service(
+        tmp_path, _csv(tmp_path / "d.csv", [*ROWS, ("x", "transfer")]), skip_unknown_labels=False
+    )
     assert service.check_data() == 5  # readable: the worker starts
     for kind in (coordinator_pb2.TASK_KIND_PROFILE, coordinator_pb2.TASK_KIND_TRAIN):
         with pytest.raises(WireError) as info:
@@ -280,9 +283,18 @@ def test_worker_refuses_a_task_on_data_with_unknown_labels(tmp_path) -> None:
         assert info.value.reason == errors_pb2.ERROR_REASON_MALFORMED
         assert "line 6: 'transfer'" in info.value.message
     assert service._models == {}  # refused before any model was loaded
-    skipping = _service(tmp_path, tmp_path / "d.csv", skip_unknown_labels=True, partition=(1, 2))
+    skipping = _service(tmp_path, tmp_path / "d.csv", partition=(1, 2))  # the default skips
     data = skipping._dataset(_task(coordinator_pb2.TASK_KIND_TRAIN).config)
     assert 0 < len(data) < 4 and data.label_names == tuple(JOB_LABELS)
+
+
+def test_worker_skips_unknown_labels_by_default_and_logs_the_count(tmp_path, caplog) -> None:
+    service = _service(tmp_path, _csv(tmp_path / "d.csv", [*ROWS, ("x", "transfer")]))
+    with caplog.at_level(logging.INFO, logger="fedpilot.worker.data"):
+        data = service._dataset(_task(coordinator_pb2.TASK_KIND_TRAIN).config)
+    assert data.labels == (0, 1, 2, 0)
+    assert "1 of 5 examples have a label outside the job's 3 labels" in caplog.text
+    assert "skipped them, 4 examples left" in caplog.text
 
 
 def test_worker_uses_its_column_settings(tmp_path) -> None:
