@@ -109,7 +109,23 @@ def _view(job: dict[str, Any], current: dict[str, Any] | None) -> Group:
     parts: list[Any] = [head, table]
     if job.get("error"):
         parts.append(Text(f"error: {job['error']}", style="red"))
+    if job.get("problems"):
+        parts.append(_problems(job["problems"]))
     return Group(*parts)
+
+
+def problem_text(p: dict[str, Any]) -> str:
+    """One line for a task that did not complete: what, where, and the worker's words."""
+    return f"{p['reason']} (round {p['round']} {p['kind']}): {p['message']}"
+
+
+def _problems(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="workers whose latest task did not complete", expand=True)
+    table.add_column("worker")
+    table.add_column("why", overflow="fold", style="red")
+    for p in rows:
+        table.add_row(p.get("worker_name") or p["worker_id"][:8], problem_text(p))
+    return table
 
 
 def status(
@@ -174,7 +190,7 @@ def adapter(
 
 
 def workers(api: ApiUrl = DEFAULT_URL, token: Token = "", as_json: AsJson = False) -> None:
-    """List workers: alive, labels, budget, last heartbeat."""
+    """List workers: alive, labels, budget, last heartbeat, why the latest task failed."""
     try:
         with ApiClient(api, token) as client:
             rows = client.workers()
@@ -186,7 +202,9 @@ def workers(api: ApiUrl = DEFAULT_URL, token: Token = "", as_json: AsJson = Fals
     table = Table(title=f"workers at {api}")
     for col in ("name", "id", "alive", "state", "budget", "labels", "last heartbeat"):
         table.add_column(col)
+    table.add_column("latest task did not complete", overflow="fold", style="red")
     for w in rows:
+        problem = w.get("problem")
         table.add_row(
             w["name"],
             w["id"][:8],
@@ -195,6 +213,7 @@ def workers(api: ApiUrl = DEFAULT_URL, token: Token = "", as_json: AsJson = Fals
             f"{w['budget_bytes'] / 2**20:,.0f} MiB",
             ", ".join(f"{k}={v}" for k, v in w["labels"].items()),
             w["last_heartbeat"][:19],
+            problem_text(problem) if problem else "",
         )
     console.print(table)
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +131,79 @@ def test_bench_transfer_compares_the_real_path_with_grpc_and_tcp() -> None:
         assert r["bench"] == "transfer" and r["bytes"] == 8 * 2**20
         assert r["mb_per_s"] > 0 and r["ratio_to_grpc"] > 0 and r["ratio_to_tcp"] > 0
         assert r["coordinator_peak_rss_bytes"] > 0
+
+
+# -- a worker refusing its tasks, as the operator sees it ------------------------------------
+
+
+def _wait(check, timeout_s: float, cluster) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        for name, proc in cluster.processes.items():
+            assert proc.poll() is None, (cluster.work_dir / f"{name}.log").read_text()[-3000:]
+        time.sleep(0.5)
+    raise AssertionError((cluster.work_dir / "coordinator.log").read_text()[-3000:])
+
+
+def test_a_refusing_worker_says_why_in_status_workers_and_the_api(tmp_path, tiny_dir) -> None:
+    """A worker whose data holds none of the job's labels refuses every task; the reason it
+    sends reaches `fedpilot status`, `fedpilot workers` and the REST read models."""
+    from fedpilot.cluster import LocalCluster, write_csv
+
+    spec = {
+        "name": "wrong-data",
+        "model": str(tiny_dir),
+        "labels": ["class0", "class1", "class2"],
+        "rounds": 1,
+        "min_workers": 1,
+        "batch_size": 4,
+        "max_seq_len": 16,
+        "lora": {"rank": 4, "alpha": 8},
+    }
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(spec))
+    data = write_csv(tmp_path / "other.csv", [f"query {i}" for i in range(12)], ["elsewhere"] * 12)
+    with LocalCluster(tmp_path / "cluster") as cluster:
+        cluster.start_coordinator(job=job_file, evaluate=False)
+        cluster.start_worker("site-a", data, 2**30)
+        (job,) = cluster.store.jobs()
+        api = cluster.http_url
+
+        def refused() -> dict | None:
+            detail = httpx.get(f"{api}/api/v1/jobs/{job.id}").json()
+            return detail if detail["problems"] else None
+
+        detail = _wait(refused, 120, cluster)
+        (problem,) = detail["problems"]
+        assert detail["state"] in ("waiting", "profiling")  # nothing was trained
+        assert problem["worker_name"] == "site-a" and problem["status"] == "refused"
+        assert problem["reason"] == "MALFORMED" and problem["kind"] == "profile"
+        assert "none of its 12 examples has one of the job's labels" in problem["message"]
+        (worker,) = httpx.get(f"{api}/api/v1/workers").json()
+        assert worker["problem"]["reason"] == "MALFORMED"
+        assert worker["problem"]["message"] == problem["message"]
+
+        wide = {**os.environ, "COLUMNS": "400"}  # one line per row: easy to read back
+        status = subprocess.run(
+            [sys.executable, "-m", "fedpilot.cli", "status", job.id, "--api", api],
+            capture_output=True,
+            text=True,
+            env=wide,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+        assert "site-a" in status.stdout and "MALFORMED (round" in status.stdout
+        assert "none of its 12 examples has one of the job's labels" in status.stdout
+        workers = subprocess.run(
+            [sys.executable, "-m", "fedpilot.cli", "workers", "--api", api],
+            capture_output=True,
+            text=True,
+            env=wide,
+            check=False,
+        )
+        assert workers.returncode == 0, workers.stderr
+        row = next(line for line in workers.stdout.splitlines() if "site-a" in line)
+        assert "MALFORMED (round" in row and "none of its 12 examples" in row

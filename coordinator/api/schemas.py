@@ -79,6 +79,25 @@ class JobSummary(BaseModel):
     eval_accuracy: float | None = Field(None, description="Of the newest evaluated round.")
 
 
+class TaskProblem(BaseModel):
+    """Why a worker's task did not complete: its own refusal or failure (reason and message
+    as the worker sent them) or the coordinator's note (a straggler, an assignment refused)."""
+
+    task_id: str
+    job_id: str
+    round: int
+    kind: str
+    worker_id: str
+    worker_name: str | None
+    status: str = Field(description="The task's status: refused, straggler, ...")
+    reason: str = Field(
+        description="The worker's error reason (MALFORMED, OUT_OF_MEMORY, ...) when it sent "
+        "one, else the task's status."
+    )
+    message: str
+    at: datetime
+
+
 class JobDetail(JobSummary):
     spec: dict[str, Any]
     history: list[RoundSummary]
@@ -88,6 +107,10 @@ class JobDetail(JobSummary):
     )
     adapter_version: int | None = None
     adapter_sha256: str | None = None
+    problems: list[TaskProblem] = Field(
+        default_factory=list,
+        description="Workers whose latest settled task of this job did not complete, and why.",
+    )
 
 
 class Assignment(BaseModel):
@@ -149,6 +172,9 @@ class WorkerInfo(BaseModel):
     registered_at: datetime
     last_heartbeat: datetime
     last_profile: ProfileInfo | None
+    problem: TaskProblem | None = Field(
+        None, description="Why the worker's latest settled task did not complete, if it did not."
+    )
 
 
 class Readiness(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 from fedpilot.coordinator.api.deps import ApiContext
@@ -14,14 +15,53 @@ from fedpilot.coordinator.api.schemas import (
     RejectionInfo,
     RoundDetail,
     RoundSummary,
+    TaskProblem,
     WorkerInfo,
     clean_metrics,
     finite,
 )
-from fedpilot.coordinator.db.models import Job, Round
+from fedpilot.coordinator.db.models import Job, Round, Task, Worker
 from fedpilot.coordinator.db.store import Store, utcnow
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.core.memory import HEAD_LAYER
+
+_SETTLED_FINE = ("done", "abandoned")
+"""Task states that are not a worker's problem (``abandoned``: the job was cancelled)."""
+_WORKER_REASON = re.compile(r"ERROR_REASON_([A-Z0-9_]+): (.*)", re.DOTALL)
+"""How the gRPC service stores a worker's RefuseTask on the task row."""
+
+
+def task_problem(task: Task, worker: Worker | None) -> TaskProblem | None:
+    """The task's reason for not completing, split into the worker's reason and message."""
+    if task.status in _SETTLED_FINE or task.status == "offered":
+        return None
+    text = task.reason or ""
+    sent = _WORKER_REASON.fullmatch(text)
+    return TaskProblem(
+        task_id=task.id,
+        job_id=task.job_id,
+        round=task.round,
+        kind=task.kind,
+        worker_id=task.worker_id,
+        worker_name=worker.name if worker else None,
+        status=task.status,
+        reason=sent.group(1) if sent else task.status,
+        message=sent.group(2) if sent else text,
+        at=task.updated_at,
+    )
+
+
+def problems(
+    store: Store, job_id: str | None = None, workers: list[Worker] | None = None
+) -> dict[str, TaskProblem]:
+    """Per worker, why its latest settled task (of ``job_id``, or of any job) did not complete."""
+    names = {w.id: w for w in (store.workers() if workers is None else workers)}
+    out = {}
+    for wid, task in store.latest_settled_tasks(job_id).items():
+        problem = task_problem(task, names.get(wid))
+        if problem is not None:
+            out[wid] = problem
+    return out
 
 
 def _int(value: object) -> int | None:
@@ -110,6 +150,9 @@ def job_detail(store: Store, job: Job) -> JobDetail:
         modules=modules(store, job.id),
         adapter_version=latest.version if latest else None,
         adapter_sha256=latest.sha256 if latest else None,
+        problems=sorted(
+            problems(store, job.id).values(), key=lambda p: (p.worker_name or "", p.worker_id)
+        ),
     )
 
 
@@ -169,8 +212,10 @@ def round_detail(store: Store, job: Job, number: int) -> RoundDetail | None:
 def workers(store: Store, heartbeat_timeout_s: float) -> list[WorkerInfo]:
     since = utcnow() - timedelta(seconds=heartbeat_timeout_s)
     profiles = store.latest_profiles()
+    rows = store.workers()
+    trouble = problems(store, workers=rows)
     out = []
-    for w in store.workers():
+    for w in rows:
         p = profiles.get(w.id)
         out.append(
             WorkerInfo(
@@ -195,6 +240,7 @@ def workers(store: Store, heartbeat_timeout_s: float) -> list[WorkerInfo]:
                 )
                 if p
                 else None,
+                problem=trouble.get(w.id),
             )
         )
     return out

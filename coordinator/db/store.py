@@ -406,6 +406,28 @@ class Store:
             return list(s.scalars(query.order_by(Task.created_at, Task.id)))
 
     @retrying
+    def latest_settled_tasks(self, job_id: str | None = None) -> dict[str, Task]:
+        """Each worker's most recently settled task (no longer offered), of one job or of all.
+
+        Read models show its reason when it did not complete: a worker's refusal or failure
+        stays visible until the worker's next task settles."""
+        newest = (
+            func.row_number()
+            .over(
+                partition_by=Task.worker_id,
+                order_by=(Task.updated_at.desc(), Task.created_at.desc(), Task.id),
+            )
+            .label("newest")
+        )
+        ranked = select(Task.id, newest).where(Task.status != "offered")
+        if job_id is not None:
+            ranked = ranked.where(Task.job_id == job_id)
+        sub = ranked.subquery()
+        query = select(Task).join(sub, Task.id == sub.c.id).where(sub.c.newest == 1)
+        with self.session() as s:
+            return {t.worker_id: t for t in s.scalars(query)}
+
+    @retrying
     def offered_task(self, worker_id: str) -> Task | None:
         """The oldest task offered to the worker and not yet finished (re-offered until then)."""
         with self.session() as s:
