@@ -499,15 +499,18 @@ def synthetic_dataset(
 
 
 def partition(
-    data: TextDataset, index: int, count: int, *, alpha: float | None = None, seed: int = 0
-) -> TextDataset:
+    data: Any, index: int, count: int, *, alpha: float | None = None, seed: int = 0
+) -> Any:
     """Part ``index`` (0-based) of ``count`` of a shared file: IID, or label skew with
     Dirichlet(``alpha``). Every worker computes the same split from the same seed, so the
-    parts are disjoint and cover the file."""
+    parts are disjoint and cover the file. ``data`` is any dataset with ``len`` and
+    ``subset`` (texts, images, conversations); label skew needs ``labels``."""
     from fedpilot.core.partition import dirichlet_partition, iid_partition
 
     if not 0 <= index < count:
         raise ValueError(f"partition {index}/{count}: index must be in [0, {count})")
+    if alpha is not None and not hasattr(data, "labels"):
+        raise DataError("a label-skew (Dirichlet) partition needs labelled data; use IID")
     parts = (
         iid_partition(len(data), count, seed)
         if alpha is None

@@ -3,13 +3,26 @@
 A *module* (DESIGN.md section 1) is one LoRA target in one transformer layer, or
 the task head. Its name is the PEFT module path with the wrappers' prefixes
 removed (``base_model.model.`` and the backbone prefix such as ``bert.``), e.g.
-``encoder.layer.3.attention.self.query``; the head keeps its attribute name
-(``classifier``). Names come straight from the model so every worker and the
-coordinator derive the same ones, and they map one-to-one onto PEFT adapter keys.
+``encoder.layer.3.attention.self.query`` or ``layers.3.self_attn.q_proj``; the
+head keeps its attribute name (``classifier``). Names come straight from the
+model so every worker and the coordinator derive the same ones, and they map
+one-to-one onto PEFT adapter keys.
 
-Layers count from 1 at the input (HF's ``layer.0`` is layer 1); the head, and
-any target above the last layer such as a pooler, is
-:data:`~fedpilot.core.memory.HEAD_LAYER`.
+Three tasks (:data:`TASKS`) load three ``AutoModelFor...`` classes: sequence and
+image classification train their head (``classifier``/``score``, saved whole),
+causal language modelling keeps ``lm_head`` frozen and trains LoRA only.
+
+Targets follow PEFT's ``target_modules``: a list of names matches module-path
+suffixes (``q_proj``, ``value``), a single entry that is not a plain name is a
+regular expression matched against the whole path, and ``all-linear`` adapts
+every linear layer except the output head.
+
+Layers count from 1 at the input (HF's ``layers.0`` is layer 1). The layer
+stack is found structurally, as the ``ModuleList`` holding
+``num_hidden_layers`` blocks (``model.layers``, ``encoder.layer``,
+``transformer.h``, ``blocks``...), so every family PEFT's layer matching covers
+gets its depth without a per-family table. The head, and any target above the
+last layer such as a pooler, is :data:`~fedpilot.core.memory.HEAD_LAYER`.
 
 Module state is what travels: ``{"lora_A": (r x in), "lora_B": (out x r)}`` for
 a LoRA module and the head's own tensors (``{"weight", "bias"}``) for the head,
@@ -19,6 +32,7 @@ as float32 numpy arrays, the shape :mod:`fedpilot.core.aggregation` expects.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import warnings
@@ -30,7 +44,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    PeftModelForCausalLM,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+)
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
@@ -41,9 +62,19 @@ LORA_A = "lora_A"
 LORA_B = "lora_B"
 ADAPTER = "default"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 _PEFT_PREFIX = "base_model.model."
 _SEQ_CLS_HEADS = ("classifier", "score")
+_STACK_NAMES = ("layers", "layer", "h", "blocks", "block")
+"""Names of the layer list in HF families; only used to break a tie between candidates."""
+_PLAIN_NAME = re.compile(r"[\w.\-]+")
+ALL_LINEAR = "all-linear"
+
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+CAUSAL_LM = "causal-lm"
+IMAGE_CLASSIFICATION = "image-classification"
+TASKS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM, IMAGE_CLASSIFICATION)
+
+log = logging.getLogger(__name__)
 
 ModuleState = dict[str, dict[str, np.ndarray]]
 """Module name -> tensor name -> float32 array."""
@@ -80,10 +111,14 @@ class ModelSpec:
     max_seq_len: int = 128
     batch_size: int = 8
     head_modules: tuple[str, ...] = field(default=("classifier", "score"))
+    task: str = SEQUENCE_CLASSIFICATION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "head_modules", tuple(self.head_modules))
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
+        peft_targets(self.target_modules)  # raises on a bad pattern
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
         if self.lora_rank < 1:
@@ -107,6 +142,11 @@ class ModelSpec:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    @property
+    def has_head(self) -> bool:
+        """Classification trains its head; a causal LM's ``lm_head`` stays frozen."""
+        return self.task != CAUSAL_LM
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
@@ -116,6 +156,46 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
         return cls(**dict(d))
+
+
+def peft_targets(targets: Iterable[str]) -> str | list[str]:
+    """The job's target list in PEFT's terms: ``all-linear``, one regular expression
+    (a single entry that is not a plain module name), or names matched as suffixes."""
+    names = list(targets)
+    if not names:
+        raise ValueError("target_modules must not be empty")
+    if ALL_LINEAR in names:
+        if len(names) > 1:
+            raise ValueError(f"{ALL_LINEAR!r} must be the only target, got {names}")
+        return ALL_LINEAR
+    if len(names) == 1 and not _PLAIN_NAME.fullmatch(names[0]):
+        try:
+            re.compile(names[0])
+        except re.error as e:
+            raise ValueError(f"target pattern {names[0]!r} is not a regular expression: {e}") from e
+        return names[0]
+    bad = [n for n in names if not _PLAIN_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"targets {bad} are not module names; a pattern must be the only target")
+    return names
+
+
+def compute_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
+    """The dtype the frozen base runs in on ``device``: the job's, where the device has it.
+
+    float16 on CPU and bfloat16 on a GPU without it fall back to float32, with a
+    warning: LoRA factors and optimizer state stay float32 either way (PEFT keeps
+    adapters in float32), so only speed and the base's memory change.
+    """
+    wanted = _DTYPES[dtype]
+    kind = torch.device(device).type
+    if kind == "cpu" and wanted == torch.float16:
+        log.warning("float16 compute is not supported on CPU; using float32 (bfloat16 works)")
+        return torch.float32
+    if kind == "cuda" and wanted == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bfloat16; using float32 (float16 works)")
+        return torch.float32
+    return wanted
 
 
 @contextmanager
@@ -151,42 +231,94 @@ def load_tokenizer(spec: ModelSpec) -> Any:
         return AutoTokenizer.from_pretrained(_local_dir(spec), local_files_only=True)
 
 
+def load_image_processor(spec: ModelSpec) -> Any:
+    """The base model's image processor (resize, normalise), from local files only."""
+    from transformers import AutoImageProcessor
+
+    with _quiet_transformers():
+        return AutoImageProcessor.from_pretrained(_local_dir(spec), local_files_only=True)
+
+
+def _load_base(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
+
+    path = _local_dir(spec)
+    if spec.task == CAUSAL_LM:
+        base: nn.Module = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True
+        )
+        return base
+    auto: Any = (
+        AutoModelForImageClassification
+        if spec.task == IMAGE_CLASSIFICATION
+        else AutoModelForSequenceClassification
+    )
+    # A checkpoint trained on other classes (ViT on ImageNet) gets a fresh head.
+    base = auto.from_pretrained(
+        path,
+        num_labels=spec.num_labels,
+        dtype=dtype,
+        local_files_only=True,
+        ignore_mismatched_sizes=spec.task == IMAGE_CLASSIFICATION,
+    )
+    return base
+
+
+def _lora_config(spec: ModelSpec, base: nn.Module) -> LoraConfig:
+    common: dict[str, Any] = {
+        "r": spec.lora_rank,
+        "lora_alpha": spec.lora_alpha,
+        "lora_dropout": spec.lora_dropout,
+        "target_modules": peft_targets(spec.target_modules),
+        "bias": "none",
+    }
+    if spec.task == CAUSAL_LM:
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, **common)
+    heads = [h for h in spec.head_modules if isinstance(getattr(base, h, None), nn.Module)]
+    if not heads:
+        raise ValueError(f"model has none of the head modules {spec.head_modules}")
+    if spec.task == IMAGE_CLASSIFICATION:  # PEFT has no task type for it: save the head by name
+        return LoraConfig(modules_to_save=heads, **common)
+    # SEQ_CLS already saves "classifier" and "score"; name other heads explicitly.
+    extra = [h for h in heads if h not in _SEQ_CLS_HEADS]
+    return LoraConfig(task_type=TaskType.SEQ_CLS, modules_to_save=extra or None, **common)
+
+
 def load_model(spec: ModelSpec, *, device: str | torch.device = "cpu", seed: int = 0) -> PeftModel:
-    """Base model for sequence classification wrapped with LoRA; the head in ``modules_to_save``.
+    """The job's base model (by ``spec.task``) wrapped with LoRA; a classifier head is in
+    ``modules_to_save``, a causal LM's ``lm_head`` stays frozen.
 
     ``seed`` fixes the fresh head and ``lora_A`` initialisation without touching
     the caller's random state, so two workers build identical starting adapters.
     """
-    from transformers import AutoModelForSequenceClassification
-
     with _quiet_transformers(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        base = AutoModelForSequenceClassification.from_pretrained(
-            _local_dir(spec),
-            num_labels=spec.num_labels,
-            dtype=spec.torch_dtype,
-            local_files_only=True,
-        )
-        heads = [h for h in spec.head_modules if isinstance(getattr(base, h, None), nn.Module)]
-        if not heads:
-            raise ValueError(f"model has none of the head modules {spec.head_modules}")
-        # SEQ_CLS already saves "classifier" and "score"; name other heads explicitly.
-        extra = [h for h in heads if h not in _SEQ_CLS_HEADS]
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=spec.lora_rank,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            target_modules=list(spec.target_modules),
-            modules_to_save=extra or None,
-            bias="none",
-        )
+        base = _load_base(spec, compute_dtype(spec.dtype, device))
+        config = _lora_config(spec, base)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             model = get_peft_model(base, config)
     model.to(device)
+    if torch.device(device).type == "cpu":
+        _own_weights(model)
     module_layers(model)  # fail early on targets we cannot place in a layer
     return model
+
+
+def _own_weights(model: nn.Module) -> None:
+    """Copy tensors still backed by the memory-mapped checkpoint into process memory.
+
+    The memory model charges the weights to the worker (``M0``); left mapped, they
+    would be page cache charged to whichever process first read the file, so the
+    worker's memory cgroup would count them or not depending on who ran before.
+    """
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
 
 
 # --- module naming -----------------------------------------------------------------
@@ -217,6 +349,36 @@ def num_layers(model: nn.Module) -> int:
     return int(hf_config(model).num_hidden_layers)
 
 
+def task_of(model: nn.Module) -> str:
+    """The task a loaded model was built for, from its classes (no side channel)."""
+    base = _base(model)
+    if isinstance(model, PeftModelForCausalLM) or type(base).__name__.endswith("ForCausalLM"):
+        return CAUSAL_LM
+    if getattr(base, "main_input_name", "") == "pixel_values":
+        return IMAGE_CLASSIFICATION
+    return SEQUENCE_CLASSIFICATION
+
+
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Path and list of the transformer blocks: the ``ModuleList`` of
+    ``num_hidden_layers`` entries (by its name when several lists have that length)."""
+    n = num_layers(model)
+    found = [
+        (path, mod)
+        for path, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and n > 0
+    ]
+    if len(found) > 1:
+        named = [(p, m) for p, m in found if p.rsplit(".", 1)[-1] in _STACK_NAMES]
+        found = named or found
+    if len(found) != 1:
+        paths = [p for p, _ in found]
+        raise ValueError(
+            f"cannot tell the list of {n} transformer layers: candidates {paths or 'none'}"
+        )
+    return found[0]
+
+
 def _base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
@@ -235,21 +397,18 @@ def _short_name(model: nn.Module, path: str) -> str:
     return name
 
 
-def _layer_of(name: str, n_layers: int) -> int:
-    match = _LAYER_RE.search(name)
-    if match is None:
-        if "embed" in name:
-            raise ValueError(f"module {name!r} is below the first layer; not supported")
-        return HEAD_LAYER
-    layer = int(match.group(1)) + 1
-    if layer > n_layers:
-        raise ValueError(f"module {name!r}: layer {layer} > num_hidden_layers {n_layers}")
-    return layer
+def _layer_of(path: str, name: str, stack: str) -> int:
+    """1-based layer of the module at ``path``: the index right under the layer stack."""
+    if path.startswith(stack + "."):
+        return int(path[len(stack) + 1 :].split(".", 1)[0]) + 1
+    if "embed" in name:
+        raise ValueError(f"module {name!r} is below the first layer; not supported")
+    return HEAD_LAYER
 
 
 def module_entries(model: nn.Module) -> dict[str, ModuleEntry]:
     """Every trainable module of a PEFT model, in model order (input first, head last)."""
-    n_layers = num_layers(model)
+    stack, _ = layer_stack(model)
     out: dict[str, ModuleEntry] = {}
     for path, mod in model.named_modules():
         is_lora = isinstance(mod, LoraLayer) and ADAPTER in mod.lora_A
@@ -258,7 +417,7 @@ def module_entries(model: nn.Module) -> dict[str, ModuleEntry]:
         name = _short_name(model, path)
         if name in out:
             raise ValueError(f"two modules normalise to the same name {name!r}")
-        out[name] = ModuleEntry(name, _layer_of(name, n_layers), path, mod)
+        out[name] = ModuleEntry(name, _layer_of(path, name, stack), path, mod)
     if not out:
         raise ValueError("model has no LoRA modules; is it a PEFT model?")
     return out

@@ -85,7 +85,9 @@ def _probe_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _examples(batch: Batch) -> Iterator[Batch]:
-    """Single examples, trimmed to their attention mask (exact for padded-right encoders)."""
+    """Single examples, trimmed to their attention mask (exact for right padding); per-token
+    labels (a causal LM) are trimmed with the tokens. An example whose labels all are
+    ``-100`` has no loss and is skipped."""
     n = int(batch["labels"].shape[0])
     mask = batch.get("attention_mask")
     for i in range(n):
@@ -93,9 +95,11 @@ def _examples(batch: Batch) -> Iterator[Batch]:
         ex: dict[str, torch.Tensor] = {}
         for k, v in batch.items():
             v = v[i : i + 1]
-            if length is not None and v.dim() == 2 and k != "labels":
+            if length is not None and v.dim() == 2 and v.shape[1] == mask.shape[1]:
                 v = v[:, :length]
             ex[k] = v
+        if ex["labels"].dim() == 2 and not bool((ex["labels"][:, 1:] != -100).any()):
+            continue
         yield ex
 
 

@@ -258,6 +258,7 @@ class WorkerService:
             dtype=config.dtype or "float32",
             max_seq_len=config.max_seq_len,
             batch_size=config.batch_size,
+            task=config.task or "sequence-classification",
         )
         key = repr(spec)
         if key not in self._models:
@@ -274,13 +275,14 @@ class WorkerService:
         return self._models[key]
 
     def check_data(self) -> int:
-        """Read the data file once, so that a missing file, an unknown format, a missing
+        """Read the data once, so that a missing file, an unknown format, a missing
         column, a bad line or an empty file stops the worker before it registers.
-        Labels are checked against each job's classes when its first task arrives."""
-        from fedpilot.worker.data import read_examples
+        The format decides the task it serves (labelled texts, instruction JSON Lines,
+        images); labels are checked against each job's classes when its first task arrives."""
+        from fedpilot.worker.tasks import read_local_data
 
         if self._examples is None:
-            self._examples = read_examples(
+            self._examples = read_local_data(
                 self.settings.data,
                 text_column=self.settings.text_column,
                 label_column=self.settings.label_column,
@@ -291,13 +293,14 @@ class WorkerService:
         """This worker's examples with the job's class ids (and its partition, if any).
 
         Bad data is refused as MALFORMED with the reason, before any profiling or training."""
-        from fedpilot.worker.data import partition, to_dataset
+        from fedpilot.worker.data import partition
+        from fedpilot.worker.tasks import get_task
 
-        key = (tuple(config.label_names), config.num_labels)
+        key = (config.task, tuple(config.label_names), config.num_labels)
         if key not in self._datasets:
             try:
                 self.check_data()
-                data = to_dataset(
+                data = get_task(config.task or "sequence-classification").dataset(
                     self._examples,
                     label_names=list(config.label_names) or None,
                     num_labels=config.num_labels,
@@ -318,20 +321,23 @@ class WorkerService:
             self._datasets = {key: data}
         return self._datasets[key]
 
-    def _batches(self, config: coordinator_pb2.JobConfig, tokenizer_spec: Any) -> list[Any]:
-        from fedpilot.worker.data import make_batches
-        from fedpilot.worker.model import load_tokenizer
+    def _batches(self, config: coordinator_pb2.JobConfig, spec: Any) -> list[Any]:
+        from fedpilot.worker.tasks import get_task
 
-        key = (config.batch_size, config.max_seq_len, tuple(config.label_names), config.num_labels)
+        key = (
+            spec.task,
+            spec.path,
+            config.batch_size,
+            config.max_seq_len,
+            tuple(config.label_names),
+            config.num_labels,
+        )
         if key not in self._data:
-            self._data = {
-                key: make_batches(
-                    self._dataset(config),
-                    load_tokenizer(tokenizer_spec),
-                    batch_size=config.batch_size,
-                    max_seq_len=config.max_seq_len,
-                )
-            }
+            try:
+                batches = get_task(spec.task).batches(self._dataset(config), spec)
+            except ValueError as e:
+                raise WireError(errors_pb2.ERROR_REASON_MALFORMED, str(e), "data") from e
+            self._data = {key: batches}
         return self._data[key]
 
     def _profile(self, task: coordinator_pb2.Task) -> None:

@@ -19,6 +19,9 @@ from torch import nn
 from fedpilot.worker.model import set_trainable
 from fedpilot.worker.profiling import Batch, optimizer_step, step_peak_bytes
 
+IGNORE_INDEX = -100
+"""A label that does not count (prompt and padding tokens of a causal LM)."""
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -38,8 +41,22 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _scored(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels that count and the mask selecting them. Per-token labels (a causal LM) are
+    shifted as HF shifts them: position t is predicted from the tokens before it."""
+    labels = batch["labels"]
+    if labels.dim() == 2:
+        labels = labels[:, 1:]
+    return labels, labels != IGNORE_INDEX
+
+
 def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
-    """Mean cross-entropy per example and accuracy, in eval mode (no dropout)."""
+    """Mean cross-entropy and accuracy, in eval mode (no dropout).
+
+    Classification: per example. Causal LM (labels per token): per response token
+    (labels ``-100`` do not count), accuracy of the next-token prediction; the
+    perplexity is ``exp`` of the loss.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -49,9 +66,11 @@ def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
             for batch in batches:
                 batch = _to(batch, device)
                 out = model(**batch)
-                k = _batch_size(batch)
+                labels, counted = _scored(batch)
+                logits = out.logits[:, :-1] if batch["labels"].dim() == 2 else out.logits
+                k = int(counted.sum())
                 total_loss += float(out.loss) * k
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                correct += int(((logits.argmax(-1) == labels) & counted).sum())
                 n += k
     finally:
         model.train(was_training)
