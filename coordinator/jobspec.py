@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedpilot.core.aggregation import DwaConfig, Merge, Rule
 from fedpilot.core.strategies import Strategy
+from fedpilot.worker.targets import peft_targets
 
 MAX_PARTICIPANTS = 100_000
 
@@ -25,8 +26,25 @@ class LoraSpec(BaseModel):
     dropout: Annotated[float, Field(ge=0, lt=1, description="Dropout on the LoRA path.")] = 0.0
     target_modules: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=200)]],
-        Field(min_length=1, max_length=64, description="Module name suffixes to adapt."),
+        Field(
+            min_length=1,
+            max_length=64,
+            description="Module names (path suffixes, e.g. q_proj), one regular expression "
+            "matched against whole module paths, or all-linear (PEFT's semantics).",
+        ),
     ] = ["query", "value"]
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_target(cls, value: object) -> object:
+        """A single string (``all-linear``, a pattern) is a one-entry list."""
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _peft_targets(cls, value: list[str]) -> list[str]:
+        peft_targets(value)
+        return value
 
 
 class DwaSpec(BaseModel):
@@ -58,7 +76,10 @@ class JobSpec(BaseModel):
     model: Annotated[
         str, Field(max_length=1000, description="Local HF model directory; empty = bundled MiniLM.")
     ] = ""
-    task: Literal["sequence-classification"] = "sequence-classification"
+    task: Annotated[
+        Literal["sequence-classification", "causal-lm", "image-classification"],
+        Field(description="What the model learns; decides the model class and data format."),
+    ] = "sequence-classification"
     num_labels: Annotated[int, Field(ge=2, le=100_000)] = 2
     labels: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=200)]],
@@ -68,7 +89,11 @@ class JobSpec(BaseModel):
         str, Field(max_length=1000, description="Training data name/path resolved on each worker.")
     ] = ""
     eval_dataset: Annotated[
-        str, Field(max_length=1000, description="Held-out CSV evaluated by the coordinator.")
+        str,
+        Field(
+            max_length=1000,
+            description="Held-out data evaluated by the coordinator, in the task's format.",
+        ),
     ] = ""
     lora: LoraSpec = LoraSpec()
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

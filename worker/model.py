@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -57,6 +56,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from fedpilot.core.memory import HEAD_LAYER
+from fedpilot.worker.targets import peft_targets
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
@@ -66,8 +66,6 @@ _PEFT_PREFIX = "base_model.model."
 _SEQ_CLS_HEADS = ("classifier", "score")
 _STACK_NAMES = ("layers", "layer", "h", "blocks", "block")
 """Names of the layer list in HF families; only used to break a tie between candidates."""
-_PLAIN_NAME = re.compile(r"[\w.\-]+")
-ALL_LINEAR = "all-linear"
 
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 CAUSAL_LM = "causal-lm"
@@ -156,28 +154,6 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
         return cls(**dict(d))
-
-
-def peft_targets(targets: Iterable[str]) -> str | list[str]:
-    """The job's target list in PEFT's terms: ``all-linear``, one regular expression
-    (a single entry that is not a plain module name), or names matched as suffixes."""
-    names = list(targets)
-    if not names:
-        raise ValueError("target_modules must not be empty")
-    if ALL_LINEAR in names:
-        if len(names) > 1:
-            raise ValueError(f"{ALL_LINEAR!r} must be the only target, got {names}")
-        return ALL_LINEAR
-    if len(names) == 1 and not _PLAIN_NAME.fullmatch(names[0]):
-        try:
-            re.compile(names[0])
-        except re.error as e:
-            raise ValueError(f"target pattern {names[0]!r} is not a regular expression: {e}") from e
-        return names[0]
-    bad = [n for n in names if not _PLAIN_NAME.fullmatch(n)]
-    if bad:
-        raise ValueError(f"targets {bad} are not module names; a pattern must be the only target")
-    return names
 
 
 def compute_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
