@@ -39,6 +39,7 @@ def model_spec(spec: JobSpec, *, batch_size: int | None = None) -> ModelSpec:
         dtype=spec.dtype,
         max_seq_len=spec.max_seq_len,
         batch_size=batch_size or spec.batch_size,
+        task=spec.task,
     )
 
 

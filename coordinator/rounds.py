@@ -395,13 +395,14 @@ class RoundDriver:
         number = job.current_round
         rnd = self.store.round(job.id, number)
         assert rnd is not None
-        if self.evaluator is not None and spec.eval_dataset and "eval_accuracy" not in rnd.metrics:
+        if self.evaluator is not None and spec.eval_dataset and "eval_loss" not in rnd.metrics:
             version = self.store.version(job.id, number)
             assert version is not None
             modules = unflatten(decode_tensors(self.blobs.read(version.sha256)))
             scores = self.evaluator(spec, modules)
             self.store.set_round(job.id, number, metrics={**rnd.metrics, **scores})
-            metrics.GLOBAL_ACCURACY.labels(job=job.id).set(scores["eval_accuracy"])
+            if "eval_accuracy" in scores:  # classification; a causal LM has perplexity
+                metrics.GLOBAL_ACCURACY.labels(job=job.id).set(scores["eval_accuracy"])
             metrics.GLOBAL_LOSS.labels(job=job.id).set(scores["eval_loss"])
             log.info("job %s round %d: %s", job.id, number, scores)
         if number >= spec.rounds:
