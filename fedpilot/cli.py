@@ -91,9 +91,13 @@ def profile(
     seq_len: Annotated[int, typer.Option(min=1)] = 128,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     target_modules: Annotated[
-        str, typer.Option(help="Comma-separated LoRA targets.")
+        str,
+        typer.Option(help="Comma-separated LoRA target names, one pattern, or all-linear."),
     ] = "query,value",
     num_labels: Annotated[int, typer.Option(min=2)] = 2,
+    task: Annotated[
+        str, typer.Option(help="sequence-classification, causal-lm or image-classification.")
+    ] = "sequence-classification",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
     output: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
@@ -112,6 +116,7 @@ def profile(
             num_labels=num_labels,
             dtype=dtype,
             device=device,
+            task=task,
         ),
         indent=2,
     )
