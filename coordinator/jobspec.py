@@ -7,7 +7,7 @@ anything is stored.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,7 +19,7 @@ MAX_PARTICIPANTS = 100_000
 
 
 class LoraSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rank: Annotated[int, Field(ge=1, le=512, description="LoRA rank r.")] = 8
     alpha: Annotated[float, Field(gt=0, le=4096, description="LoRA scaling numerator.")] = 16.0
@@ -48,7 +48,7 @@ class LoraSpec(BaseModel):
 
 
 class DwaSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     eta: Annotated[float, Field(gt=0, le=10, description="Server step.")] = 1.0
     gamma: Annotated[float, Field(ge=0, le=10, description="Boost of under-updated modules.")] = 0.5
@@ -59,7 +59,7 @@ class DwaSpec(BaseModel):
 
 
 class AggregationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rule: Rule = Rule.STAGG
     merge: Merge = Merge.FACTORS
@@ -70,7 +70,7 @@ class AggregationSpec(BaseModel):
 class JobSpec(BaseModel):
     """Everything a job needs; defaults make a small Fed-piLot run on the bundled model."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Annotated[str, Field(min_length=1, max_length=200)] = "job"
     model: Annotated[
@@ -129,6 +129,15 @@ class JobSpec(BaseModel):
     ig_probe_batches: Annotated[int, Field(ge=0, le=1000)] = 2
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """NUL is no character of a name or path (and PostgreSQL text refuses it)."""
+        where = _nul_at(data, ())
+        if where is not None:
+            raise ValueError(f"{'.'.join(where) or 'value'} contains a NUL character")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.participants is not None and self.participants < self.min_workers:
@@ -140,3 +149,21 @@ class JobSpec(BaseModel):
                 raise ValueError("labels must name at least 2 classes")
             self.num_labels = len(self.labels)
         return self
+
+def _nul_at(value: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Where the first string holding NUL is inside ``value``, if any."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and "\x00" in key:
+            return (*path, "<key>")
+        found = _nul_at(item, (*path, str(key)))
+        if found is not None:
+            return found
+    return None

@@ -7,6 +7,10 @@ docs/operations.md.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections import OrderedDict
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REJECTIONS = Counter(
@@ -35,6 +39,17 @@ AGGREGATE_SECONDS = Histogram(
 )
 ALIVE_WORKERS = Gauge("fedpilot_workers_connected", "Workers with a recent heartbeat.")
 STRAGGLERS = Counter("fedpilot_stragglers_total", "Assigned workers that missed a deadline.")
+INTERNAL_ERRORS = Counter(
+    "fedpilot_internal_errors_total",
+    "gRPC calls that failed on an unexpected exception (the log has the error id).",
+    ["method"],
+)
+DRIVER_ERRORS = Counter(
+    "fedpilot_driver_errors_total", "Round-driver loops that failed and were carried on."
+)
+DRIVER_LAST_LOOP = Gauge(
+    "fedpilot_driver_last_loop_timestamp_seconds", "When the round driver last finished a loop."
+)
 WORKER_BUDGET = Gauge(
     "fedpilot_registered_budget_bytes", "Memory budget a worker registered with.", ["worker"]
 )
@@ -52,3 +67,30 @@ GLOBAL_ACCURACY = Gauge(
     "fedpilot_global_accuracy", "Held-out accuracy of the newest global adapter.", ["job"]
 )
 GLOBAL_LOSS = Gauge("fedpilot_global_loss", "Held-out loss of the newest global adapter.", ["job"])
+
+
+class WorkerSeries:
+    """Per-worker gauges labelled by worker id (never by the name a worker chose), for at
+    most ``limit`` workers: the least recently updated worker's series are dropped."""
+
+    gauges = (WORKER_BUDGET, WORKER_PEAK, WORKER_PREDICTED)
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.limit = limit
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def set(self, gauge: Gauge, worker_id: str, value: float) -> None:
+        with self._lock:
+            self._recent[worker_id] = None
+            self._recent.move_to_end(worker_id)
+            while len(self._recent) > self.limit:
+                old, _ = self._recent.popitem(last=False)
+                for g in self.gauges:
+                    with contextlib.suppress(KeyError):
+                        g.remove(old)
+            gauge.labels(worker=worker_id).set(value)
+
+
+WORKERS = WorkerSeries()
+"""The coordinator's per-worker series (``limit`` set from ``metrics_max_workers``)."""

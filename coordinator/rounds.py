@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedpilot.coordinator import metrics
+from fedpilot.coordinator.adapter_shapes import agreed_shapes
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Job, Task, Worker
 from fedpilot.coordinator.db.store import Store, utcnow
@@ -64,10 +65,23 @@ class RoundDriver:
         self.evaluator = evaluator
         self._assign_seconds: dict[tuple[str, int], float] = {}
         """Solve time of each open round's assignment, reported with its metrics."""
+        self.last_loop = time.monotonic()
+        """When the last loop of :meth:`run` ended (health checks read it)."""
+        self.errors = 0
+        """Loops that failed and were carried on."""
 
     def run(self, stop: threading.Event) -> None:
+        """Tick until stopped. A failing tick is logged and counted, never fatal: one bad
+        row must not stop every job (health checks see the failures and stalls)."""
         while not stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                self.errors += 1
+                metrics.DRIVER_ERRORS.inc()
+                log.exception("round driver: tick failed; carrying on")
+            self.last_loop = time.monotonic()
+            metrics.DRIVER_LAST_LOOP.set_to_current_time()
             # Woken early by an accepted upload, so the last update of a round starts
             # aggregation at once instead of at the next tick.
             self.signals.wait_for_upload(self.settings.tick_seconds)
@@ -78,9 +92,16 @@ class RoundDriver:
             try:
                 self.advance(job)
             except Exception as e:  # one job's failure must not stop the others
-                log.exception("job %s: step failed", job.id)
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("job %s: step failed (error id %s)", job.id, error_id)
                 if not _transient(e):
-                    self.store.set_job_state(job.id, "failed", error=f"{type(e).__name__}: {e}")
+                    # Never the exception's text: it may hold SQL or a file's content.
+                    self.store.set_job_state(
+                        job.id,
+                        "failed",
+                        error=f"internal error {error_id} while {job.state} "
+                        f"({type(e).__name__}); the coordinator's log has the details",
+                    )
 
     def advance(self, job: Job) -> None:
         spec = JobSpec.model_validate(job.spec)
@@ -185,8 +206,10 @@ class RoundDriver:
 
     def _assign(self, job: Job, spec: JobSpec, number: int, participant_ids: list[str]) -> None:
         profiles = self.store.profiles(job.id)
-        first = profiles[participant_ids[0]]
-        self._ensure_initial_adapter(job, spec, first.tensors)
+        # Shapes most participants agree on (each checked against the model and the spec
+        # when reported), never one worker's alone.
+        agreed = agreed_shapes([profiles[w].tensors for w in participant_ids])
+        self._ensure_initial_adapter(job, spec, agreed)
         shapes = self._global_shapes(job)
         version = self.store.latest_version(job.id)
         assert version is not None

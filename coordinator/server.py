@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -14,11 +14,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from fedpilot.coordinator import metrics
-from fedpilot.coordinator.api.deps import ApiContext
+from fedpilot.coordinator.api.deps import ApiContext, DriverStatus
 from fedpilot.coordinator.api.http import HttpServer
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.store import Store, database_url
+from fedpilot.coordinator.guard import Guard
 from fedpilot.coordinator.rounds import Evaluator, RoundDriver
 from fedpilot.coordinator.service import CoordinatorService
 from fedpilot.coordinator.settings import CoordinatorSettings
@@ -30,6 +30,9 @@ from fedpilot.wire.payload import MAX_CHUNK_BYTES
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+ORPHAN_AGE_S = 300.0
+"""Blobs without a row older than this are removed at start (a crash between the two)."""
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
@@ -64,13 +67,18 @@ def start(
     url = settings.database_url or database_url(settings.data_dir)
     store = Store.open(url)
     blobs = BlobStore(settings.data_dir / "blobs")
+    swept = blobs.sweep(store.referenced_blobs(), older_than_s=ORPHAN_AGE_S)
+    if swept:
+        log.info("removed %d blobs no row referenced", swept)
     signals = Signals()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
         options=[
             ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
             ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
+            ("grpc.max_metadata_size", 16 * 1024),
         ],
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
     _add_servicer(CoordinatorService(store, blobs, settings, signals), server)
     health_servicer = health.HealthServicer()
@@ -96,12 +104,12 @@ def start(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, addr=settings.grpc_host)
-    http = _start_http(settings, store, blobs)
     driver = RoundDriver(store, blobs, settings, signals, evaluator)
     stop_event = threading.Event()
     thread = threading.Thread(
         target=driver.run, args=(stop_event,), name="round-driver", daemon=True
     )
+    http = _start_http(settings, store, blobs, DriverWatch(driver, thread, settings))
     thread.start()
     log.info(
         "coordinator serving gRPC on %s:%d, %s (database %s)",
@@ -128,14 +136,16 @@ def http_bind_host(settings: CoordinatorSettings) -> str:
     return "127.0.0.1"
 
 
-def _start_http(settings: CoordinatorSettings, store: Store, blobs: BlobStore) -> HttpServer | None:
+def _start_http(
+    settings: CoordinatorSettings, store: Store, blobs: BlobStore, driver: DriverWatch
+) -> HttpServer | None:
     if settings.http_port is None:
         return None
     from fedpilot.coordinator.api.app import create_app
 
     host = http_bind_host(settings)
     http = HttpServer(
-        create_app(ApiContext(store, blobs, settings)),
+        create_app(ApiContext(store, blobs, settings, driver=driver.status)),
         host,
         settings.http_port,
         certfile=settings.tls_cert,
@@ -150,6 +160,26 @@ def _start_http(settings: CoordinatorSettings, store: Store, blobs: BlobStore) -
         "bearer token required" if settings.api_token.get_secret_value() else "no token: loopback",
     )
     return http
+
+
+class DriverWatch:
+    """The round driver's health as the HTTP API reports it."""
+
+    def __init__(
+        self, driver: RoundDriver, thread: threading.Thread, settings: CoordinatorSettings
+    ) -> None:
+        self.driver, self.thread, self.settings = driver, thread, settings
+
+    def status(self) -> DriverStatus:
+        started = self.thread.ident is not None
+        alive = self.thread.is_alive() or not started
+        since = time.monotonic() - self.driver.last_loop
+        return DriverStatus(
+            alive=alive,
+            seconds_since_loop=round(since, 3),
+            stalled=since > self.settings.driver_stall_s,
+            errors=self.driver.errors,
+        )
 
 
 class _HandlerCapture:
@@ -167,30 +197,12 @@ class _HandlerCapture:
         self.handlers = dict(handlers)
 
 
-def _counting(method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except Exception:
-            # grpc answers INTERNAL before any handler runs; count it and say what it was.
-            metrics.REJECTIONS.labels(reason="ERROR_REASON_MALFORMED").inc()
-            log.info(
-                "rejected %s: %d bytes that are not a valid request message", method, len(data)
-            )
-            raise
-
-    return deserialize
-
-
 def _add_servicer(servicer: CoordinatorService, server: grpc.Server) -> None:
-    """Register the servicer with request parsing that counts malformed protobuf bytes."""
+    """Register the servicer behind the guard (parsing, authentication, concurrency, idle
+    streams, internal errors: see ``guard.py``)."""
     capture = _HandlerCapture()
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, capture)
-    handlers = {
-        name: handler._replace(  # type: ignore[attr-defined]
-            request_deserializer=_counting(name, handler.request_deserializer)
-        )
-        for name, handler in capture.handlers.items()
-    }
+    guard = Guard(servicer.store, servicer.settings, servicer._reject)
+    handlers = {name: guard.wrap(name, handler) for name, handler in capture.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -18,10 +18,18 @@ from typing import Any
 
 import grpc
 
-from fedpilot.coordinator import metrics
+from fedpilot.coordinator import metrics, modelcheck
+from fedpilot.coordinator import validate as check
+from fedpilot.coordinator.adapter_shapes import (
+    AdapterBounds,
+    check_shapes,
+    first_difference,
+    model_max_dim,
+)
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Task, Update, Worker
 from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed
+from fedpilot.coordinator.guard import bearer_token
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.ratelimit import TokenBucket
 from fedpilot.coordinator.settings import CoordinatorSettings
@@ -77,8 +85,26 @@ def job_config(spec: JobSpec) -> coordinator_pb2.JobConfig:
     )
 
 
-def profile_row(msg: profile_pb2.MemoryProfile) -> dict[str, Any]:
+def profile_row(
+    msg: profile_pb2.MemoryProfile, bounds: AdapterBounds | None = None
+) -> dict[str, Any]:
     """Validate a reported profile and turn it into the stored form."""
+    if len(msg.modules) > (bounds.max_tensors if bounds else 100_000):
+        raise check.malformed(f"profile lists {len(msg.modules)} modules", "profile.modules")
+    check.count(msg.base_bytes, "profile.base_bytes")
+    check.count(msg.budget_bytes, "profile.budget_bytes")
+    check.text(msg.device, "profile.device", max_chars=200)
+    check.text(msg.config_key, "profile.config_key", max_chars=1000)
+    if len(msg.layer_activation_bytes) > 10_000:
+        raise check.malformed(
+            "profile lists more than 10000 layers", "profile.layer_activation_bytes"
+        )
+    for i, a in enumerate(msg.layer_activation_bytes):
+        check.count(a, f"profile.layer_activation_bytes[{i}]")
+    for m in msg.modules:
+        check.text(m.name, "profile.modules.name", max_chars=300, required=True)
+        check.count(m.param_bytes, f"profile.modules[{m.name}].param_bytes")
+        check.count(m.extra_bytes, f"profile.modules[{m.name}].extra_bytes")
     try:
         memory = memory_from_proto(msg)
     except ValueError as e:
@@ -86,6 +112,7 @@ def profile_row(msg: profile_pb2.MemoryProfile) -> dict[str, Any]:
     names = set(memory.module_names)
     tensors: dict[str, list[int]] = {}
     for t in msg.tensors:
+        check.text(t.name, "profile.tensors.name", max_chars=400, required=True)
         module, sep, _ = t.name.rpartition(SEPARATOR)
         if not sep or module not in names:
             raise _error(
@@ -101,6 +128,8 @@ def profile_row(msg: profile_pb2.MemoryProfile) -> dict[str, Any]:
             f"profile lists no tensors for modules {sorted(missing)[:5]}",
             "profile.tensors",
         )
+    if bounds is not None:
+        check_shapes(tensors, bounds)
     return {
         "memory": memory_to_json(memory),
         "tensors": tensors,
@@ -127,6 +156,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.registrations = TokenBucket(settings.registrations_per_s, settings.registration_burst)
         self._manifests: dict[str, transfer_pb2.PayloadManifest] = {}
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
+        self._bounds: dict[str, AdapterBounds] = {}
+        metrics.WORKERS.limit = settings.metrics_max_workers
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -154,12 +185,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         context.abort_with_status(rich_status(error))
 
     def _worker(self, context: grpc.ServicerContext, worker_id: str) -> Worker:
-        token = ""
-        for key, value in context.invocation_metadata():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                token = value[len("Bearer ") :]
         try:
-            return self.store.authenticate(worker_id, token)
+            return self.store.authenticate(worker_id, bearer_token(context))
         except AuthError:
             self._reject(
                 context,
@@ -186,6 +213,26 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         assert task is not None
         return task
+
+    def _adapter_bounds(self, job_id: str) -> AdapterBounds:
+        """What the job's model and spec allow an adapter to be (fixed for the job)."""
+        bounds = self._bounds.get(job_id)
+        if bounds is None:
+            job = self.store.job(job_id)
+            if job is None:
+                raise _error(errors_pb2.ERROR_REASON_UNKNOWN_JOB, "unknown job", "job_id")
+            spec = JobSpec.model_validate(job.spec)
+            bounds = AdapterBounds(
+                rank=spec.lora.rank,
+                target_modules=tuple(spec.lora.target_modules),
+                max_dim=model_max_dim(modelcheck.model_config(spec), self.settings.max_tensor_dim),
+                max_bytes=self.settings.max_adapter_bytes,
+                max_tensors=self.settings.max_profile_modules,
+            )
+            if len(self._bounds) >= 1024:
+                self._bounds.clear()
+            self._bounds[job_id] = bounds
+        return bounds
 
     def _shapes(self, job_id: str) -> dict[str, list[int]]:
         """Tensor shapes of the job's global adapter (fixed for the job's lifetime)."""
@@ -228,23 +275,30 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     "enrollment_secret",
                 ),
             )
-        if not request.name or len(request.name) > 200:
-            self._reject(
-                context,
-                _error(
-                    errors_pb2.ERROR_REASON_MALFORMED, "name must have 1 to 200 characters", "name"
-                ),
+        try:
+            check.text(request.name, "name", max_chars=200, required=True)
+            labels = check.string_map(
+                request.labels,
+                "labels",
+                max_items=self.settings.max_labels,
+                max_chars=self.settings.max_label_chars,
             )
-        device = {
-            "kind": request.device.kind,
-            "name": request.device.name,
-            "total_memory_bytes": request.device.total_memory_bytes,
-        }
+            device = {
+                "kind": check.text(request.device.kind, "device.kind", max_chars=200),
+                "name": check.text(request.device.name, "device.name", max_chars=200),
+                "total_memory_bytes": check.count(
+                    request.device.total_memory_bytes, "device.total_memory_bytes"
+                ),
+            }
+            check.count(request.device.free_memory_bytes, "device.free_memory_bytes")
+            check.count(request.budget_bytes, "budget_bytes")
+        except WireError as e:
+            self._reject(context, e)
         worker_id, token = self.store.register_worker(
-            request.name, dict(request.labels), device, request.budget_bytes
+            request.name, labels, device, request.budget_bytes
         )
         metrics.REGISTRATIONS.inc()
-        metrics.WORKER_BUDGET.labels(worker=request.name).set(request.budget_bytes)
+        metrics.WORKERS.set(metrics.WORKER_BUDGET, worker_id, request.budget_bytes)
         log.info("registered worker %s (%s)", request.name, worker_id)
         return coordinator_pb2.RegisterResponse(
             worker_id=worker_id,
@@ -256,6 +310,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.HeartbeatRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.HeartbeatResponse:
         worker = self._worker(context, request.worker_id)
+        try:
+            check.ident(request.task_id, "task_id", required=False)
+        except WireError as e:
+            self._reject(context, e, worker_id=worker.id)
         self.store.heartbeat(worker.id, _STATES.get(request.state, "idle"), request.task_id)
         abandon = False
         if request.task_id:
@@ -287,7 +345,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 worker_id=worker.id,
             )
         try:
-            row = profile_row(request.profile)
+            row = profile_row(request.profile, self._adapter_bounds(task.job_id))
+            if self.store.latest_version(task.job_id) is not None:
+                # The global adapter exists: a profile of other shapes cannot train it.
+                differs = first_difference(row["tensors"], self._shapes(task.job_id))
+                if differs is not None:
+                    raise _error(
+                        errors_pb2.ERROR_REASON_SHAPE_MISMATCH,
+                        f"profile disagrees with the job's global adapter: {differs}",
+                        "profile.tensors",
+                    )
         except WireError as e:
             self._reject(
                 context, e, job_id=task.job_id, round_number=task.round, worker_id=worker.id
@@ -338,8 +405,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.RefuseTaskResponse:
         worker = self._worker(context, request.worker_id)
         task = self._own_task(context, worker, request.task_id)
-        reason = errors_pb2.ErrorReason.Name(request.reason.reason)
-        message = request.reason.message[:2000]
+        reason = _reason_name(request.reason.reason)
+        message = request.reason.message[:2000].replace("\x00", "")
         if task.status == "offered":
             self.store.set_task_status(task.id, "refused", f"{reason}: {message}")
             self.store.record_rejection(
@@ -396,6 +463,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         request_iterator: Iterator[transfer_pb2.UploadUpdateRequest],
         context: grpc.ServicerContext,
     ) -> coordinator_pb2.UploadUpdateResponse:
+        # Who is calling is known from the metadata before any message is read.
+        caller = self.store.worker_by_token(bearer_token(context))
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "manifest":
             self._reject(
@@ -405,12 +474,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     "an upload must start with its manifest",
                     "manifest",
                 ),
+                worker_id=caller.id if caller else None,
             )
         assert first is not None
         m = first.manifest
         worker = self._worker(context, m.worker_id)
         where = {"job_id": m.job_id or None, "round_number": m.round, "worker_id": worker.id}
         try:
+            _check_update_fields(m, self.settings.max_profile_modules)
             task = self._upload_task(worker, m)
             existing = [
                 u for u in self.store.updates(task.job_id, task.round) if u.worker_id == worker.id
@@ -450,11 +521,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 with staged.mapped() as payload:
                     # size, sha256, names, shapes, dtypes, finite (while the fsync runs)
                     receiver.finish_with(payload, sha256=staged.sha256)
-                sha, size = staged.commit()
-            except BaseException:
-                staged.discard()
-                raise
-            try:
+                sha, size = staged.sha256, staged.size
+                # The row first, the blob made visible inside its transaction: a row the
+                # database refuses leaves no blob behind.
                 record = self.store.record_update(
                     Update(
                         job_id=task.job_id,
@@ -470,12 +539,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                         predicted_bytes=m.predicted_peak_bytes,
                         measured_peak_bytes=m.measured_peak_bytes,
                         train_seconds=m.train_seconds,
-                    )
+                    ),
+                    before_commit=staged.commit,
                 )
             except TaskClosed as e:
                 raise _error(
                     errors_pb2.ERROR_REASON_ROUND_CLOSED, f"{e}: the round closed", "task_id"
                 ) from e
+            finally:
+                if not staged.committed:
+                    staged.discard()
         except WireError as e:
             return self._reject(context, e, **where)
         if record.duplicate:
@@ -483,8 +556,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         else:
             metrics.UPLOADS.inc()
             metrics.BYTES_IN.inc(size)
-            metrics.WORKER_PEAK.labels(worker=worker.name).set(m.measured_peak_bytes)
-            metrics.WORKER_PREDICTED.labels(worker=worker.name).set(m.predicted_peak_bytes)
+            metrics.WORKERS.set(metrics.WORKER_PEAK, worker.id, m.measured_peak_bytes)
+            metrics.WORKERS.set(metrics.WORKER_PREDICTED, worker.id, m.predicted_peak_bytes)
         self.signals.upload_accepted()
         return coordinator_pb2.UploadUpdateResponse(
             update_id=str(record.update_id), duplicate=record.duplicate
@@ -565,6 +638,29 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     f"{name!r} must be float32, got {dtype_name(spec.dtype)}",
                     name,
                 )
+
+
+def _reason_name(value: int) -> str:
+    """The enum name of a reason, or its number when a sender made one up."""
+    try:
+        return str(errors_pb2.ErrorReason.Name(value))
+    except ValueError:
+        return f"ERROR_REASON_{int(value)}"
+
+
+def _check_update_fields(m: transfer_pb2.UpdateManifest, max_modules: int) -> None:
+    """Every number and string of an update's manifest, before anything is stored."""
+    check.count(m.num_samples, "num_samples", maximum=check.MAX_SAMPLES, minimum=1)
+    check.count(m.predicted_peak_bytes, "predicted_peak_bytes")
+    check.count(m.measured_peak_bytes, "measured_peak_bytes")
+    check.finite(m.train_loss_before, "train_loss_before", low=0.0, high=check.MAX_LOSS)
+    check.finite(m.train_loss_after, "train_loss_after", low=0.0, high=check.MAX_LOSS)
+    check.finite(m.train_seconds, "train_seconds", low=0.0, high=check.MAX_SECONDS)
+    check.score_map(m.local_scores, "local_scores", max_items=max_modules)
+    if len(m.payload.tensors) > max_modules * 4:
+        raise check.malformed(
+            f"manifest lists {len(m.payload.tensors)} tensors", "manifest.payload.tensors"
+        )
 
 
 def _manifest_of(data: Buffer, sha256: str) -> transfer_pb2.PayloadManifest:

@@ -44,6 +44,34 @@ class CoordinatorSettings(BaseSettings):
     api_token: SecretStr = SecretStr("")
     """Bearer token of the REST API. Empty: the HTTP server binds to loopback only."""
 
+    # -- limits against hostile workers and API users (docs/security.md) ------------------
+    data_roots: list[Path] = []
+    """Folders the coordinator may read job files from (``eval_dataset``, a ``model``'s
+    config.json). Empty: ``data_dir`` and the bundled datasets."""
+    grpc_max_concurrent_rpcs: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
+    """RPCs in progress at once; beyond it gRPC answers RESOURCE_EXHAUSTED at once."""
+    max_rpcs_per_worker: Annotated[int, Field(ge=1, le=10_000)] = 8
+    """RPCs one worker may have in progress (an honest worker uses about three)."""
+    stream_idle_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """An upload stream silent for this long is cancelled."""
+    max_adapter_bytes: Annotated[int, Field(ge=1024)] = 1 << 30
+    """Upper bound on the global adapter's size (float32 bytes of all its tensors)."""
+    max_tensor_dim: Annotated[int, Field(ge=1, le=1 << 24)] = 65_536
+    """Largest dimension of an adapter tensor when the model's config.json is not readable."""
+    max_profile_modules: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    """Modules (and so local scores) a profile or an update may list."""
+    max_labels: Annotated[int, Field(ge=0, le=10_000)] = 32
+    """Registration labels per worker."""
+    max_label_chars: Annotated[int, Field(ge=1, le=100_000)] = 256
+    """Characters of one label key or value."""
+    http_max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 1 << 20
+    """Largest HTTP request body, refused with 413 before it is read."""
+    driver_stall_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    """``/readyz`` answers 503 when the round driver has not finished a loop for this long
+    (``/healthz`` does when its thread has died)."""
+    metrics_max_workers: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    """Per-worker Prometheus series kept (the most recently active workers)."""
+
     @model_validator(mode="after")
     def _tls_pair(self) -> CoordinatorSettings:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from fedpilot import __version__
 from fedpilot.coordinator import metrics
 from fedpilot.coordinator.api import health, jobs, workers
 from fedpilot.coordinator.api.deps import ApiContext
+from fedpilot.coordinator.api.middleware import RequestGuard
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+
+MAX_ERRORS = 20
+"""Validation errors listed in one 422 (the rest are counted)."""
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """The errors of a 422 without the input that caused them: a refused body is never
+    echoed back (it may be large, or hold NaN that JSON cannot carry)."""
+    out: list[dict[str, Any]] = []
+    for error in exc.errors()[:MAX_ERRORS]:
+        out.append(
+            {
+                "type": str(error.get("type", "value_error"))[:100],
+                "loc": [str(part)[:100] for part in error.get("loc", ())][:10],
+                "msg": str(error.get("msg", ""))[:300],
+            }
+        )
+    return out
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -31,7 +52,21 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         """Count refused requests (bad job specs, ids, bodies) like refused uploads."""
         metrics.REJECTIONS.labels(reason="api_invalid_request").inc()
-        return await request_validation_exception_handler(request, exc)
+        errors = validation_errors(exc)
+        more = len(exc.errors()) - len(errors)
+        body: dict[str, Any] = {"detail": errors}
+        if more > 0:
+            body["more_errors"] = more
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:
+        """An unexpected failure: an error id for the log, never its text."""
+        error_id = uuid.uuid4().hex[:12]
+        log.error(
+            "internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc
+        )
+        return JSONResponse({"detail": f"internal error {error_id}"}, status_code=500)
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(jobs.router)
@@ -44,4 +79,5 @@ def create_app(ctx: ApiContext) -> FastAPI:
         log.warning("dashboard not installed; serving the API only")
     else:
         app.include_router(dashboard.router)
+    app.add_middleware(RequestGuard, ctx=ctx)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -15,6 +16,16 @@ from fedpilot.coordinator.db.store import Store
 from fedpilot.coordinator.settings import CoordinatorSettings
 
 
+@dataclass(frozen=True)
+class DriverStatus:
+    """Whether the round driver thread runs and when it last finished a loop."""
+
+    alive: bool
+    seconds_since_loop: float
+    stalled: bool
+    errors: int
+
+
 @dataclass
 class ApiContext:
     store: Store
@@ -22,6 +33,8 @@ class ApiContext:
     settings: CoordinatorSettings
     export_cache: dict[tuple[str, int], bytes] = field(default_factory=dict)
     """Zipped adapters by (job, version): a committed version never changes."""
+    driver: Callable[[], DriverStatus] | None = None
+    """The round driver's health (None: no driver in this process)."""
 
 
 def context(request: Request) -> ApiContext:
@@ -43,17 +56,25 @@ def require_token(
     With no token configured the HTTP server listens on loopback only (see
     ``server.start``), so every local caller is trusted.
     """
-    expected = ctx.settings.api_token.get_secret_value()
-    if not expected:
-        return
     given = credentials.credentials if credentials is not None else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        metrics.REJECTIONS.labels(reason="api_unauthorized").inc()
+    if not token_ok(ctx.settings, given):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing or invalid bearer token",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def token_ok(settings: CoordinatorSettings, given: str) -> bool:
+    """The configured token is ``given`` (always true when none is configured); a refusal
+    is counted."""
+    expected = settings.api_token.get_secret_value()
+    if not expected:
+        return True
+    if hmac.compare_digest(given.encode(errors="replace"), expected.encode()):
+        return True
+    metrics.REJECTIONS.labels(reason="api_unauthorized").inc()
+    return False
 
 
 Authorized = Depends(require_token)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 
-from fedpilot.coordinator import modelcheck
+from fedpilot.coordinator import modelcheck, paths
 from fedpilot.coordinator.api import views
 from fedpilot.coordinator.api.deps import Authorized, Context
 from fedpilot.coordinator.api.schemas import (
@@ -21,6 +21,7 @@ from fedpilot.coordinator.api.schemas import (
     RoundDetail,
 )
 from fedpilot.coordinator.db.models import Job
+from fedpilot.coordinator.export import ExportError
 from fedpilot.coordinator.jobspec import JobSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Authorized], responses=UNAUTHORIZED)
@@ -44,7 +45,30 @@ def _job(ctx: Context, job_id: str) -> Job:
     responses={400: {"model": Problem, "description": "The body is not JSON."}},
 )
 def submit(spec: JobSpec, ctx: Context) -> JobCreated:
-    """Submit a job. A spec that fails validation gets 422 naming the field."""
+    """Submit a job. A spec that fails validation gets 422 naming the field.
+
+    ``model`` and ``eval_dataset`` must lie under the coordinator's data roots
+    (``data_roots``): it reads the model's config.json, and the evaluation data and
+    model when it evaluates. Outside them the answer is the same whether the file
+    exists or not, and no file is opened."""
+    roots = paths.data_roots(ctx.settings)
+    outside = [
+        field
+        for field in ("model", "eval_dataset")
+        if getattr(spec, field) and paths.confined(getattr(spec, field), roots) is None
+    ]
+    if outside:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", field),
+                    "msg": paths.outside_message(field, roots),
+                    "input": None,
+                }
+                for field in outside
+            ]
+        )
     found = modelcheck.problems(spec)
     if found:
         raise RequestValidationError(
@@ -61,7 +85,8 @@ def submit(spec: JobSpec, ctx: Context) -> JobCreated:
 def list_jobs(
     ctx: Context,
     state: Annotated[
-        str | None, Query(max_length=20, description="Only jobs in this state.")
+        str | None,
+        Query(max_length=20, pattern=r"^[a-z]+$", description="Only jobs in this state."),
     ] = None,
 ) -> list[JobSummary]:
     jobs = ctx.store.jobs([state] if state else None)
@@ -104,7 +129,7 @@ def get_round(job_id: JobId, number: RoundNumber, ctx: Context) -> RoundDetail:
             "description": "adapter_config.json + adapter_model.safetensors (PEFT format).",
         },
         404: {"model": Problem, "description": "Unknown job, or no adapter version yet."},
-        501: {"model": Problem, "description": "Export needs torch, transformers, peft."},
+        501: {"model": Problem, "description": "The coordinator cannot read the model's config."},
     },
 )
 async def adapter(
@@ -120,11 +145,8 @@ async def adapter(
         data, number = await run_in_threadpool(views.adapter_zip, ctx, job, version)
     except LookupError as e:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from e
-    except ImportError as e:
-        raise HTTPException(
-            status.HTTP_501_NOT_IMPLEMENTED,
-            f"adapter export needs the worker extra (torch, transformers, peft): {e}",
-        ) from e
+    except ExportError as e:
+        raise HTTPException(status.HTTP_501_NOT_IMPLEMENTED, f"cannot export: {e}") from e
     filename = f"fedpilot-{job.id[:8]}-v{number}.zip"
     return Response(
         data,

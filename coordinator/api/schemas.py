@@ -181,3 +181,8 @@ class Readiness(BaseModel):
     database: bool
     migrations_current: bool
     revision: str | None
+    driver_running: bool | None = None
+    """The round driver thread is alive and finished a loop within ``driver_stall_s``."""
+    driver_seconds_since_loop: float | None = None
+    driver_errors: int | None = None
+    """Driver loops that failed (logged, counted, carried on)."""

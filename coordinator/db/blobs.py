@@ -16,6 +16,7 @@ import hashlib
 import mmap
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,6 +85,23 @@ class BlobStore:
             while chunk := f.read(chunk_bytes):
                 yield chunk
 
+    def sweep(self, referenced: set[str], *, older_than_s: float = 3600.0) -> int:
+        """Delete blobs no row references (left by a crash between a blob and its row).
+
+        Only blobs older than ``older_than_s`` go, so one being committed right now is
+        never taken; at start, before anything writes, any age is safe. Returns how many.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self.root.glob("??/" + "[0-9a-f]" * 64):
+            if path.name in referenced:
+                continue
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
+
     def _tmpdir(self) -> Path:
         tmp = self.root / "00"
         tmp.mkdir(exist_ok=True)
@@ -96,6 +114,7 @@ class StagedBlob:
     def __init__(self, store: BlobStore, path: Path, sha256: str, size: int) -> None:
         self.store, self.path, self.sha256, self.size = store, path, sha256, size
         self._synced: concurrent.futures.Future[None] = _SYNC.submit(_fsync_file, path)
+        self._committed = False
 
     @contextmanager
     def mapped(self) -> Iterator[mmap.mmap]:
@@ -103,13 +122,21 @@ class StagedBlob:
             yield buf
 
     def commit(self) -> tuple[str, int]:
-        """Durable first (the file's fsync), then visible (rename, directory fsync)."""
+        """Durable first (the file's fsync), then visible (rename, directory fsync).
+        Idempotent: a retried database transaction may call it twice."""
+        if self._committed:
+            return self.sha256, self.size
         self._synced.result()
         target = self.store.path(self.sha256)
         target.parent.mkdir(exist_ok=True)
         os.replace(self.path, target)
         _fsync_dir(target.parent)
+        self._committed = True
         return self.sha256, self.size
+
+    @property
+    def committed(self) -> bool:
+        return self._committed
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):

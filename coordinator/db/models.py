@@ -72,7 +72,7 @@ class Worker(Base):
     labels: Mapped[dict[str, Any]]
     device: Mapped[dict[str, Any]]
     budget_bytes: Mapped[int] = mapped_column(BigInteger)
-    token_hash: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(20), default="idle")
     current_task: Mapped[str | None] = mapped_column(String(36))
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

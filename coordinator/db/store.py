@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
@@ -41,6 +42,8 @@ from fedpilot.coordinator.db.models import (
     utcnow,
 )
 from fedpilot.core.ig_score import ModuleStats
+
+log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
 """A job state no later write may undo (the round driver may race a cancel)."""
@@ -97,6 +100,11 @@ def plausible_id(value: str) -> bool:
     return 0 < len(value) <= 36 and "\x00" not in value
 
 
+def _storable(text: str) -> str:
+    """Text PostgreSQL accepts: NUL (which its text type refuses) written as an escape."""
+    return text.replace("\x00", "\\x00")
+
+
 def hash_token(token: str) -> str:
     """Tokens are 256-bit random strings, so one SHA-256 suffices (no password stretching)."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -121,6 +129,8 @@ class Store:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._known: dict[str, Worker] = {}
+        self._by_token: dict[str, Worker] = {}
+        """Authenticated workers by token hash (the same reasoning as ``_known``)."""
         """Authenticated workers by id: a worker's token hash never changes, so every call
         after the first skips the database (at 500 workers that was most of its load)."""
         self._beats: dict[str, tuple[datetime, str, str | None]] = {}
@@ -173,6 +183,24 @@ class Store:
         return worker
 
     @retrying
+    def worker_by_token(self, token: str) -> Worker | None:
+        """The worker holding ``token``, or None. Tokens are 256-bit random strings, so a
+        lookup by their hash reveals nothing an attacker could use."""
+        if not token or len(token) > 200:
+            return None
+        digest = hash_token(token)
+        worker = self._by_token.get(digest)
+        if worker is None:
+            with self.session() as s:
+                worker = s.scalar(select(Worker).where(Worker.token_hash == digest).limit(1))
+            if worker is None:
+                return None
+            if len(self._by_token) >= 100_000:
+                self._by_token.clear()
+            self._by_token[digest] = worker
+        return worker
+
+    @retrying
     def heartbeat(self, worker_id: str, state: str, task_id: str | None) -> None:
         """Record a heartbeat in memory; :meth:`flush_heartbeats` writes them together.
 
@@ -193,22 +221,39 @@ class Store:
             for wid, (at, state, task) in beats.items()
         ]
         try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    update(Worker.__table__)
-                    .where(Worker.__table__.c.id == bindparam("wid"))
-                    .values(
-                        last_heartbeat=bindparam("at"),
-                        state=bindparam("state"),
-                        current_task=bindparam("task"),
-                    ),
-                    rows,
-                )
-        except BaseException:
+            self._write_heartbeats(rows)
+        except (OperationalError, InterfaceError):
             with self._beats_lock:  # keep them for the next flush (newer ones win)
                 self._beats = {**beats, **self._beats}
             raise
+        except Exception:
+            # A row the database refuses must not poison the batch (nor be retried
+            # forever): write them one by one and drop the ones refused.
+            log.exception("a batch of %d heartbeats failed; writing them one by one", len(rows))
+            written = 0
+            for row in rows:
+                try:
+                    self._write_heartbeats([row])
+                    written += 1
+                except (OperationalError, InterfaceError):
+                    raise
+                except Exception:
+                    log.warning("dropped a heartbeat of worker %r the database refused", row["wid"])
+            return written
         return len(rows)
+
+    def _write_heartbeats(self, rows: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(Worker.__table__)
+                .where(Worker.__table__.c.id == bindparam("wid"))
+                .values(
+                    last_heartbeat=bindparam("at"),
+                    state=bindparam("state"),
+                    current_task=bindparam("task"),
+                ),
+                rows,
+            )
 
     @retrying
     def workers(self) -> list[Worker]:
@@ -255,7 +300,7 @@ class Store:
     ) -> None:
         values: dict[str, Any] = {"state": state, "updated_at": utcnow()}
         if error is not None:
-            values["error"] = error
+            values["error"] = _storable(error)[:4000]
         if current_round is not None:
             values["current_round"] = current_round
         with self.session() as s, s.begin():
@@ -481,8 +526,14 @@ class Store:
         )
 
     @retrying
-    def record_update(self, row: Update) -> UpdateRecord:
-        """Insert the update and finish its task; the same (job, round, worker) counts once."""
+    def record_update(
+        self, row: Update, before_commit: Callable[[], object] | None = None
+    ) -> UpdateRecord:
+        """Insert the update and finish its task; the same (job, round, worker) counts once.
+
+        ``before_commit`` runs after the row is flushed (so the database accepted it) and
+        before the transaction commits: the upload makes its blob visible there, so a
+        refused row never leaves a blob behind."""
         try:
             with self.session() as s, s.begin():
                 existing = self._existing_update(s, row)
@@ -501,6 +552,8 @@ class Store:
                     .where(Task.id == row.task_id)
                     .values(status="done", updated_at=utcnow())
                 )
+                if before_commit is not None:
+                    before_commit()
                 return UpdateRecord(row.id, False)
         except IntegrityError:
             # A concurrent retry of the same upload won the race.
@@ -538,9 +591,9 @@ class Store:
                     round=round_number
                     if round_number is not None and 0 <= round_number < INT32
                     else None,
-                    worker_id=worker_id,
-                    reason=reason,
-                    message=message[:2000],
+                    worker_id=worker_id if worker_id is None or plausible_id(worker_id) else None,
+                    reason=_storable(reason)[:60],
+                    message=_storable(message)[:2000],
                 )
             )
 
@@ -646,6 +699,14 @@ class Store:
                     .values(state=job_state, updated_at=utcnow())
                 )
         return True
+
+    @retrying
+    def referenced_blobs(self) -> set[str]:
+        """Every sha256 a row points at (updates and adapter versions)."""
+        with self.session() as s:
+            return set(s.scalars(select(Update.sha256))) | set(
+                s.scalars(select(AdapterVersion.sha256))
+            )
 
     @retrying
     def count(self, model: type[Any]) -> int:

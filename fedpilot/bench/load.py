@@ -261,6 +261,8 @@ def measure(workers: int, config: LoadConfig) -> dict[str, Any]:
                     "profile_deadline_s": config.timeout_s,
                     "quorum": 1.0,
                     "ig_probe_batches": 0,
+                    # The synthetic adapter's LoRA shapes, which the coordinator checks.
+                    "lora": {"rank": config.rank, "target_modules": _targets(2)},
                 },
             )
             while (job := store.job(job_id)) is not None and job.state not in (
@@ -335,3 +337,10 @@ def run(counts: tuple[int, ...], config: LoadConfig) -> Iterator[dict[str, Any]]
 if __name__ == "__main__":
     _address, _first, _count, _config, _out = sys.argv[1:6]
     serve(_address, int(_first), int(_count), LoadConfig(**json.loads(_config)), Path(_out))
+
+
+def _targets(count: int) -> list[str]:
+    """The LoRA target names of the synthetic encoder's first ``count`` targets."""
+    from fedpilot.bench.synthetic import TARGETS
+
+    return list(TARGETS)[:count]

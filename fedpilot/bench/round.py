@@ -354,6 +354,8 @@ def measure(workers: int, config: RoundConfig) -> dict[str, Any]:
                     "round_deadline_s": config.timeout_s,
                     "quorum": 1.0,
                     "ig_probe_batches": 0,
+                    # The synthetic adapter's LoRA shapes, which the coordinator checks.
+                    "lora": {"rank": config.rank, "target_modules": _targets(config.targets)},
                     "seed": 0,
                 },
             )
@@ -474,3 +476,10 @@ if __name__ == "__main__":
     address, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     budgets = [int(b) for b in json.loads(sys.argv[4])]
     serve_workers(address, first, count, budgets, RoundConfig(**json.loads(sys.argv[5])))
+
+
+def _targets(count: int) -> list[str]:
+    """The LoRA target names of the synthetic encoder's first ``count`` targets."""
+    from fedpilot.bench.synthetic import TARGETS
+
+    return list(TARGETS)[:count]

@@ -216,6 +216,15 @@ def decode_tensors(data: Buffer) -> dict[str, np.ndarray]:
     for (_, end, first), (begin, _, second) in pairwise(spans):
         if begin < end:
             raise _malformed(f"tensors {first!r} and {second!r} overlap")
+        if begin > end:
+            raise _malformed(f"{begin - end} bytes between tensors {first!r} and {second!r}")
+    # Every byte belongs to a tensor: padding or trailing bytes would be stored for nothing.
+    start = spans[0][0] if spans else 0
+    last = spans[-1][1] if spans else 0
+    if start != 0:
+        raise _malformed(f"{start} bytes before the first tensor")
+    if last != len(body):
+        raise _malformed(f"{len(body) - last} bytes after the last tensor")
     return out
 
 

@@ -26,9 +26,13 @@ class Api:
 
 
 @pytest.fixture()
-def api(tmp_path: Path, pg_schema_url: str) -> Iterator[Api]:
+def api(
+    tmp_path: Path, pg_schema_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
     settings = CoordinatorSettings(
         data_dir=tmp_path / "coordinator",
+        # The test session's temporary folders (the tiny model, CSVs) are data roots.
+        data_roots=[tmp_path / "coordinator", tmp_path_factory.getbasetemp()],
         database_url=pg_schema_url,
         grpc_port=0,
         http_port=0,

@@ -137,9 +137,11 @@ def test_every_job_endpoint_refuses_without_the_token(api: Api, caplog) -> None:
             assert r.headers["www-authenticate"] == "Bearer"
     assert api.coordinator.store.count(Job) == 1
     assert api.coordinator.store.job(job_id).state == "waiting"
-    # Operations endpoints stay open for probes and scrapers.
-    for path in ("/healthz", "/readyz", "/metrics"):
+    # Probes stay open; /metrics (worker budgets, job ids) needs the token like the API.
+    for path in ("/healthz", "/readyz"):
         assert api.anonymous.get(path).status_code == 200
+    assert api.anonymous.get("/metrics").status_code == 401
+    assert api.http.get("/metrics").status_code == 200
     assert TOKEN not in caplog.text
 
 
@@ -155,11 +157,13 @@ def test_readyz_reports_a_schema_behind_the_code(api: Api) -> None:
     try:
         stale = api.anonymous.get("/readyz")
         assert stale.status_code == 503
-        assert stale.json() == {
+        body = stale.json()
+        assert {k: body[k] for k in ("database", "migrations_current", "revision")} == {
             "database": True,
             "migrations_current": False,
             "revision": "older",
         }
+        assert body["driver_running"] is True
     finally:
         with engine.begin() as conn:
             conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})

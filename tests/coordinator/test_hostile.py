@@ -100,7 +100,9 @@ def test_malformed_protobuf_bytes_are_refused_and_counted(guarded: RunningCoordi
     for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\x01abc", bytes(range(256))):
         with pytest.raises(grpc.RpcError) as e:
             raw(garbage, timeout=5)
-        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        detail = error_detail_from_rpc_error(e.value)
+        assert detail is not None and "not a valid Register request" in detail.message
     channel.close()
     assert _rejections("ERROR_REASON_MALFORMED") == before + 3
     assert guarded.store.count(Worker) == 0

@@ -84,6 +84,7 @@ def round_ready(running: RunningCoordinator):
             "round_deadline_s": 60,
             "quorum": 1.0,
             "ig_probe_batches": 0,
+            "lora": {"rank": 2, "target_modules": ["q"]},
         },
     )
     task = _poll(client, coordinator_pb2.TASK_KIND_PROFILE)
