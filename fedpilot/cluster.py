@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -28,6 +29,44 @@ def write_csv(path: Path, texts: Sequence[str], labels: Sequence[str]) -> Path:
         writer.writerow(["text", "label"])
         writer.writerows(zip(texts, labels, strict=True))
     return path
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Where a job stands, read from the coordinator's database (what a progress display shows)."""
+
+    state: str
+    """The job's state: waiting, profiling, training, aggregating, evaluating, done, ..."""
+    round: int
+    rounds: int
+    workers: int
+    """Workers registered with the coordinator."""
+    tasks_done: int
+    """Tasks of the current phase (profile or train tasks of the current round) finished..."""
+    tasks: int
+    """...of this many (refused ones not counted)."""
+    refused: int
+    """Tasks of the current phase refused (the REST API and dashboard say why)."""
+    evaluated: tuple[tuple[int, dict[str, float]], ...]
+    """(round, metrics) of every round evaluated so far, oldest first."""
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+    def phase(self) -> str:
+        """One line for the current phase, e.g. ``round 2/8: training, 3/4 updates``."""
+        if self.state == "waiting":
+            number, detail = self.round + 1, f" for workers ({self.workers} registered)"
+        else:
+            number, detail = self.round, ""
+            what = {"profiling": "workers profiled", "training": "updates in"}.get(self.state)
+            if what and self.tasks:
+                detail = f", {self.tasks_done}/{self.tasks} {what}"
+            if self.refused:
+                detail += f", {self.refused} refused"
+        return f"round {min(number, self.rounds)}/{self.rounds}: {self.state}{detail}"
 
 
 class LocalCluster:
@@ -148,6 +187,38 @@ class LocalCluster:
         if metrics_port is not None:
             args += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
         return self._spawn(name, args)
+
+    def check_processes(self) -> None:
+        """Raise if a process of the cluster has exited, naming it and its log."""
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited ({proc.returncode}); see {self.work_dir / (name + '.log')}"
+                )
+
+    def progress(self, job_id: str) -> JobProgress:
+        """A snapshot of the job's progress for a display (read-only)."""
+        store = self.store
+        job = store.job(job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        rounds = store.rounds(job_id)
+        kind = {"profiling": "profile", "training": "train"}.get(job.state)
+        tasks = store.tasks(job_id, job.current_round, kind) if kind else []
+        refused = sum(t.status == "refused" for t in tasks)
+        return JobProgress(
+            state=job.state,
+            round=job.current_round,
+            rounds=int((job.spec or {}).get("rounds", 0)),
+            workers=len(store.workers()),
+            tasks_done=sum(t.status == "done" for t in tasks),
+            tasks=len(tasks) - refused,
+            refused=refused,
+            evaluated=tuple(
+                (r.number, dict(r.metrics)) for r in rounds if "eval_accuracy" in (r.metrics or {})
+            ),
+            error=job.error,
+        )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill one process (and its group) the hard way, as a crash would."""

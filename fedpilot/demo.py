@@ -141,13 +141,21 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+STILL_S = 30.0
+"""Seconds without a new status line after which the demo says what it is still waiting on."""
+
+
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, object]:
+    """Run the demo: dashboard URL first, then one line per phase and a progress bar."""
     console = console or Console()
     start = time.monotonic()
     out = config.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not (config.dataset / "train.csv").is_file():
-        raise FileNotFoundError(f"no train.csv under {config.dataset} (use --dataset)")
+        raise FileNotFoundError(
+            f"no train.csv under {config.dataset} (--dataset or FEDPILOT_BANKING77 names "
+            "a folder with train.csv and test.csv)"
+        )
 
     console.rule("[bold]fedpilot demo")
     texts, labels, names = _load(
@@ -166,20 +174,55 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, ob
         for i, part in enumerate(parts)
     ]
     eval_file = write_csv(data_dir / "eval.csv", eval_texts, eval_labels)
-    console.print(
-        f"data: {len(texts)} training queries of {len(names)} intents, Dirichlet("
-        f"{config.alpha}) over {config.workers} workers; {len(eval_texts)} held out"
-    )
+    job_file = out / "job.json"
+    job_file.write_text(json.dumps(_job(config, names, eval_file), indent=2))
 
-    with console.status("measuring the memory profile of the configuration..."):
-        memory = measure_profile(config, len(names))
-    budgets = tier_budgets(memory, config.workers)
+    cluster = LocalCluster(out / "cluster", db_url=config.database_url)
+    try:
+        with console.status("starting the coordinator..."):
+            address = cluster.start_coordinator(
+                job=job_file, http_port=_free_or_any(config.http_port)
+            )
+        console.print(
+            f"dashboard: [bold]{cluster.http_url}/[/bold]  (REST API {cluster.http_url}/api/v1, "
+            f"metrics {cluster.http_url}/metrics)"
+        )
+        console.print(f"coordinator on {address} (gRPC); logs in {cluster.work_dir}")
+        console.print(
+            f"data: {len(texts)} training queries of {len(names)} intents from "
+            f"{config.dataset}, Dirichlet({config.alpha}) over {config.workers} workers; "
+            f"{len(eval_texts)} held out"
+        )
+        with console.status("measuring the memory profile of the configuration..."):
+            memory = measure_profile(config, len(names))
+        budgets = tier_budgets(memory, config.workers)
+        console.print(
+            f"memory model: M0 {_mib(memory.base_bytes)}, all {len(memory.modules)} "
+            f"modules {_mib(memory.full_cost())}; budgets " + ", ".join(_mib(b) for b in budgets)
+        )
+        for i, (path, budget) in enumerate(zip(files, budgets, strict=True)):
+            tier = f"{int(TIERS[i % len(TIERS)] * 100)}%"
+            cluster.start_worker(f"worker{i}", path, budget, {"tier": tier})
+        console.print(f"started {config.workers} worker processes")
+        (job_row,) = cluster.store.jobs()
+        final = _watch(cluster, job_row.id, config.rounds, console)
+        summary = _summarise(cluster, final, len(names), console)
+        with console.status("writing the final adapter..."):
+            adapter_dir = _export(cluster, final, config, len(names), out / "adapter")
+    finally:
+        cluster.stop()
+    summary["adapter"] = str(adapter_dir)
+    summary["seconds"] = round(time.monotonic() - start, 1)
     console.print(
-        f"memory model: M0 {_mib(memory.base_bytes)}, all {len(memory.modules)} "
-        f"modules {_mib(memory.full_cost())}; budgets " + ", ".join(_mib(b) for b in budgets)
+        f"final PEFT adapter: [bold]{adapter_dir}[/bold] (PeftModel.from_pretrained loads it)"
     )
+    console.print(f"finished in {summary['seconds']} s")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
-    job = {
+
+def _job(config: DemoConfig, names: list[str], eval_file: Path) -> dict[str, object]:
+    return {
         "name": "demo",
         "labels": names,
         "rounds": config.rounds,
@@ -200,72 +243,56 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, ob
         "eval_dataset": str(eval_file),
         "ig_probe_batches": 1,
     }
-    job_file = out / "job.json"
-    job_file.write_text(json.dumps(job, indent=2))
 
-    cluster = LocalCluster(out / "cluster", db_url=config.database_url)
-    try:
-        address = cluster.start_coordinator(job=job_file, http_port=_free_or_any(config.http_port))
-        console.print(f"coordinator on {address} (gRPC); logs in {cluster.work_dir}")
-        console.print(
-            f"dashboard: [bold]{cluster.http_url}/[/bold]  (REST API {cluster.http_url}/api/v1, "
-            f"metrics {cluster.http_url}/metrics)"
-        )
-        for i, (path, budget) in enumerate(zip(files, budgets, strict=True)):
-            tier = f"{int(TIERS[i % len(TIERS)] * 100)}%"
-            cluster.start_worker(f"worker{i}", path, budget, {"tier": tier})
-        (job_row,) = cluster.store.jobs()
-        final = _watch(cluster, job_row.id, config.rounds, console)
-        summary = _summarise(cluster, final, len(names), console)
-        adapter_dir = _export(cluster, final, config, len(names), out / "adapter")
-    finally:
-        cluster.stop()
-    summary["adapter"] = str(adapter_dir)
-    summary["seconds"] = round(time.monotonic() - start, 1)
-    console.print(
-        f"final PEFT adapter: [bold]{adapter_dir}[/bold] (PeftModel.from_pretrained loads it)"
+
+def _round_line(number: int, m: dict[str, float]) -> str:
+    return (
+        f"round {number}: accuracy {m['eval_accuracy']:.3f}, eval loss "
+        f"{m['eval_loss']:.3f}, train loss {m['train_loss_before']:.3f} -> "
+        f"{m['train_loss_after']:.3f}, {m['updates']:.0f} updates"
     )
-    console.print(f"finished in {summary['seconds']} s")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def _watch(cluster: LocalCluster, job_id: str, rounds: int, console: Console) -> str:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    """Follow the job: a line per phase change, a line per evaluated round, a progress bar.
+
+    When nothing changes for :data:`STILL_S` seconds it says what it still waits on, so a
+    slow phase (profiling on a busy CPU) never looks like a hang."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     shown: set[int] = set()
+    last_line, last_print, phase_start, phase = "", time.monotonic(), time.monotonic(), ("", -1)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} rounds"),
+        MofNCompleteColumn(),
+        TextColumn("rounds"),
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        bar = progress.add_task("waiting for workers", total=rounds)
+        bar = progress.add_task("starting workers", total=rounds)
         while True:
-            for name, proc in cluster.processes.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited ({proc.returncode}); see "
-                        f"{cluster.work_dir / (name + '.log')}"
-                    )
-            job = cluster.store.job(job_id)
-            assert job is not None
-            for rnd in cluster.store.rounds(job_id):
-                if rnd.number not in shown and "eval_accuracy" in rnd.metrics:
-                    shown.add(rnd.number)
-                    m = rnd.metrics
-                    progress.console.print(
-                        f"round {rnd.number}: accuracy {m['eval_accuracy']:.3f}, eval loss "
-                        f"{m['eval_loss']:.3f}, train loss {m['train_loss_before']:.3f} -> "
-                        f"{m['train_loss_after']:.3f}, {m['updates']} updates"
-                    )
-            progress.update(
-                bar, completed=len(shown), description=f"round {job.current_round}: {job.state}"
-            )
-            if job.state in ("done", "failed", "cancelled"):
-                if job.state != "done":
-                    raise RuntimeError(f"job {job.state}: {job.error}")
+            cluster.check_processes()
+            now = time.monotonic()
+            state = cluster.progress(job_id)
+            if (state.state, state.round) != phase:
+                phase, phase_start = (state.state, state.round), now
+            for number, metrics in state.evaluated:
+                if number not in shown:
+                    shown.add(number)
+                    progress.console.print(_round_line(number, metrics))
+                    last_print = now
+            line = state.phase()
+            if line != last_line:
+                progress.console.print(line)
+                last_line, last_print = line, now
+            elif now - last_print >= STILL_S:
+                progress.console.print(f"{line} (for {now - phase_start:.0f} s)")
+                last_print = now
+            progress.update(bar, completed=len(shown), description=line)
+            if state.finished:
+                if state.state != "done":
+                    raise RuntimeError(f"job {state.state}: {state.error}")
                 return job_id
             time.sleep(1.0)
 
