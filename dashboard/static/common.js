@@ -326,11 +326,22 @@
     return (name || "–") + (total > 0 ? " · " + FP.bytes(total) : "");
   }
 
+  // Why a task did not complete, as the worker (or the coordinator) put it:
+  // reason code, where (round and task kind), then the message.
+  FP.problem = function (p) {
+    return [
+      FP.el("code", { class: "reason-code", text: p.reason }),
+      " ",
+      FP.el("span", { class: "muted", text: "round " + p.round + " " + p.kind + ": " }),
+      FP.el("span", { class: "problem-message", text: p.message }),
+    ];
+  };
+
   FP.renderWorkers = function (tbody, workers) {
-    const key = JSON.stringify(workers.map((w) => [w.id, w.name, w.alive, w.state, w.budget_bytes, w.device, Math.floor(Date.parse(w.last_heartbeat) / 5000)]));
+    const key = JSON.stringify(workers.map((w) => [w.id, w.name, w.alive, w.state, w.budget_bytes, w.device, w.problem, Math.floor(Date.parse(w.last_heartbeat) / 5000)]));
     FP.replace(tbody, key, () => {
       if (!workers.length) {
-        return [FP.el("tr", { class: "placeholder" }, FP.el("td", { colspan: 6, text: "No worker has registered." }))];
+        return [FP.el("tr", { class: "placeholder" }, FP.el("td", { colspan: 7, text: "No worker has registered." }))];
       }
       return workers.map((w) =>
         FP.el(
@@ -342,6 +353,9 @@
           FP.el("td", { class: "num", text: FP.bytes(w.budget_bytes) }),
           FP.el("td", { text: deviceText(w.device) }),
           FP.el("td", {}, FP.el("time", { datetime: w.last_heartbeat, title: FP.time(w.last_heartbeat), text: FP.ago(w.last_heartbeat) })),
+          w.problem
+            ? FP.el("td", { class: "worker-problem", dataset: { reason: w.problem.reason } }, ...FP.problem(w.problem))
+            : FP.el("td", { class: "muted", text: "–" }),
         ),
       );
     });

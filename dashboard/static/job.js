@@ -37,6 +37,7 @@
     const error = $("job-error");
     error.hidden = !job.error;
     if (job.error) error.textContent = "Failed: " + job.error;
+    renderJobProblems(job.problems || []);
 
     FP.setText("fact-strategy", job.strategy || "–");
     const model = job.spec && typeof job.spec.model === "string" ? job.spec.model : "";
@@ -343,6 +344,25 @@
           ),
         );
       }),
+    );
+  }
+
+  // Each worker whose latest task of the job was refused or failed, with its reason:
+  // a job sitting in profiling because its workers refuse says why here.
+  function renderJobProblems(problems) {
+    const box = $("job-problems");
+    box.hidden = !problems.length;
+    box.dataset.count = String(problems.length);
+    FP.replace($("job-problems-list"), JSON.stringify(problems), () =>
+      problems.map((p) =>
+        el(
+          "li",
+          { dataset: { worker: p.worker_name || p.worker_id, reason: p.reason } },
+          el("strong", { text: p.worker_name || p.worker_id.slice(0, 8) }),
+          " ",
+          ...FP.problem(p),
+        ),
+      ),
     );
   }
 

@@ -46,7 +46,6 @@ LABELS = ["class0", "class1", "class2"]
 ROUNDS = 4
 
 
-
 # -- fixtures ------------------------------------------------------------------------------
 
 
@@ -213,19 +212,26 @@ def test_stragglers_refusals_and_rejections_are_listed_with_their_reasons(
         f"{base}/api/v1/jobs", json=spec, headers={"Authorization": f"Bearer {TOKEN}"}
     ).json()["id"]
     mib = 1 << 20
-    ok, slow, tiny = (
+    ok, slow, tiny, oom = (
         store.register_worker(name, {}, {"kind": "cpu", "name": "cpu"}, budget)[0]
-        for name, budget in (("ok", 64 * mib), ("slow", 64 * mib), ("tiny", 2 * mib))
+        for name, budget in (
+            ("ok", 64 * mib),
+            ("slow", 64 * mib),
+            ("tiny", 2 * mib),
+            ("oom", 64 * mib),
+        )
     )
     modules = ["encoder.layer.0.query", "encoder.layer.1.query", "classifier"]
 
-    def task(worker: str, chosen: list[str], status: str, reason: str | None = None) -> Task:
+    def task(
+        worker: str, chosen: list[str], status: str, reason: str | None = None, kind="train"
+    ) -> Task:
         return Task(
             id=str(uuid.uuid4()),
             job_id=job_id,
             round=1,
             worker_id=worker,
-            kind="train",
+            kind=kind,
             modules=chosen,
             predicted_bytes=40 * mib if chosen else 0,
             scores={},
@@ -234,17 +240,26 @@ def test_stragglers_refusals_and_rejections_are_listed_with_their_reasons(
         )
 
     slow_task = task(slow, modules[1:], "offered")
+    hostile = '<img src=x onerror="document.body.dataset.pwned=1">'
+    # How the gRPC service stores a worker's RefuseTask (reason, then its message).
+    oom_task = task(
+        oom, [], "refused", f"ERROR_REASON_OUT_OF_MEMORY: CUDA out of memory {hostile}", "profile"
+    )
     store.open_round(
         job_id,
         1,
         state="training",
-        participants=[ok, slow, tiny],
+        participants=[ok, slow, tiny, oom],
         deadline_at=datetime.now(UTC) + timedelta(hours=1),
-        tasks=[task(ok, modules, "offered"), slow_task, task(tiny, [], "refused", "no fit")],
+        tasks=[
+            task(ok, modules, "offered"),
+            slow_task,
+            task(tiny, [], "refused", "no fit"),
+            oom_task,
+        ],
     )  # `ok` keeps training, so the round driver leaves this round alone
     store.set_task_status(slow_task.id, "straggler", "missed the round deadline")
     store.set_round(job_id, 1, stragglers=[slow])
-    hostile = '<img src=x onerror="document.body.dataset.pwned=1">'
     store.record_rejection(
         "stale_round",
         f"upload for a closed round {hostile}",
@@ -266,6 +281,20 @@ def test_stragglers_refusals_and_rejections_are_listed_with_their_reasons(
     assert "no fit" in page.inner_text('#refused li[data-worker="tiny"]')
     rejection = page.locator('#rejections li[data-reason="stale_round"]')
     assert "tiny" in rejection.inner_text() and hostile in rejection.inner_text()
+    # The job says which workers' latest task did not complete, and why; so do the
+    # workers' rows (the worker's own reason code, or the coordinator's note).
+    page.wait_for_selector('#job-problems[data-count="3"]')
+    problem = page.locator('#job-problems li[data-worker="oom"]')
+    assert problem.get_attribute("data-reason") == "OUT_OF_MEMORY"
+    assert "round 1 profile: CUDA out of memory " + hostile in problem.inner_text()
+    tiny_problem = '#job-problems li[data-worker="tiny"][data-reason="refused"]'
+    assert page.inner_text(tiny_problem).endswith("round 1 train: no fit")
+    assert page.locator('#job-problems li[data-worker="slow"][data-reason="straggler"]').count()
+    assert page.locator('#job-problems li[data-worker="ok"]').count() == 0
+    cell = page.locator('#workers-body tr[data-worker="oom"] td.worker-problem')
+    assert cell.get_attribute("data-reason") == "OUT_OF_MEMORY"
+    assert "CUDA out of memory" in cell.inner_text()
+    assert page.locator('#workers-body tr[data-worker="ok"] td.worker-problem').count() == 0
     assert page.evaluate("document.body.dataset.pwned") is None  # shown as text, never markup
 
     # Before any profile the heatmap's columns are the assigned modules; rows show status.
@@ -426,6 +455,7 @@ def test_job_page_follows_a_live_federated_run(browser, tmp_path: Path, tiny_dir
 def _check_final_job_page(tab: Tab, small: int, large: int) -> None:
     page = tab.page
     assert page.inner_text("#job-state") == "done"
+    assert page.is_hidden("#job-problems") and tab.data("#job-problems", "count") == "0"
     assert page.get_attribute("#round-progress", "value") == str(ROUNDS)
     assert page.locator("#round-strip .round-cell[data-state=closed]").count() == ROUNDS
 
@@ -478,3 +508,46 @@ def _check_final_job_page(tab: Tab, small: int, large: int) -> None:
     assert page.get_attribute("#follow-latest", "aria-pressed") == "false"
     page.click("#follow-latest")
     page.wait_for_selector(f'#heatmap[data-round="{ROUNDS}"]')
+
+
+def test_a_worker_refusing_its_tasks_shows_why_on_the_job_and_jobs_pages(
+    browser, tmp_path: Path, tiny_dir: Path
+) -> None:
+    """A real worker whose data holds none of the job's labels refuses every task with a
+    reason; the job page and the workers list show it (the job would otherwise just sit)."""
+    spec = {
+        "name": "wrong-data",
+        "model": str(tiny_dir),
+        "labels": LABELS,
+        "rounds": 1,
+        "min_workers": 1,
+        "batch_size": 4,
+        "max_seq_len": 16,
+        "lora": {"rank": 4, "alpha": 8},
+    }
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(spec))
+    data = write_csv(tmp_path / "other.csv", [f"query {i}" for i in range(12)], ["elsewhere"] * 12)
+    with LocalCluster(tmp_path / "cluster") as cluster:
+        cluster.start_coordinator(job=job_file, evaluate=False)
+        cluster.start_worker("site-a", data, 2**30, threads=1)
+        base = cluster.http_url
+        (job,) = cluster.store.jobs()
+
+        tab = open_tab(browser, base)
+        page = tab.page
+        page.goto(f"{base}/jobs/{job.id}")
+        page.wait_for_selector('#job-problems[data-count="1"]', timeout=120_000)
+        problem = page.locator('#job-problems li[data-worker="site-a"]')
+        assert problem.get_attribute("data-reason") == "MALFORMED"
+        text = problem.inner_text()
+        assert "profile" in text and "none of its 12 examples has one of the job's labels" in text
+        assert page.get_attribute("#job-page", "data-state") in ("waiting", "profiling")
+        page.screenshot(path=str(tmp_path / "dashboard-refused.png"), full_page=True)
+
+        page.goto(base + "/")
+        cell = page.locator('#workers-body tr[data-worker="site-a"] td.worker-problem')
+        cell.wait_for()
+        assert cell.get_attribute("data-reason") == "MALFORMED"
+        assert "none of its 12 examples" in cell.inner_text()
+        close_tab(tab)
