@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 from fedpilot.core.aggregation import LORA_A, LORA_B, SEPARATOR
 from fedpilot.v1 import errors_pb2
 from fedpilot.wire import WireError
+from fedpilot.worker.targets import ALL_LINEAR, peft_targets
 
 Shapes = Mapping[str, Sequence[int]]
 
@@ -51,9 +53,15 @@ class AdapterBounds:
 
 
 def model_max_dim(config: Mapping[str, Any] | None, fallback: int) -> int:
-    """The largest tensor dimension the model can have (``fallback`` if unknown)."""
-    if not config:
-        return fallback
+    """The largest tensor dimension the model can have (``fallback`` if unknown).
+
+    Fused projections (query/key/value in one matrix, gated MLPs) stay within 4x the
+    largest size the config names."""
+    best = _largest(config) if config else 0
+    return 4 * best if best else fallback
+
+
+def _largest(config: Mapping[str, Any]) -> int:
     dims = [
         v
         for k in _DIM_KEYS
@@ -62,10 +70,8 @@ def model_max_dim(config: Mapping[str, Any] | None, fallback: int) -> int:
     ]
     for sub in ("text_config", "vision_config"):
         if isinstance(config.get(sub), dict):
-            dims.append(model_max_dim(config[sub], 0))
-    best = max(dims, default=0)
-    # Fused projections (query/key/value in one matrix, gated MLPs) stay within 4x.
-    return 4 * best if best else fallback
+            dims.append(_largest(config[sub]))
+    return max(dims, default=0)
 
 
 def _refuse(reason: int, message: str, name: str) -> WireError:
@@ -73,9 +79,15 @@ def _refuse(reason: int, message: str, name: str) -> WireError:
 
 
 def _targeted(module: str, targets: Sequence[str]) -> bool:
-    if "all-linear" in targets:
+    """PEFT's matching (:mod:`fedpilot.worker.targets`): names as suffixes, one pattern
+    (which starts with ``.*``, so the module's short name is matched like its full path),
+    or every linear layer."""
+    resolved = peft_targets(targets)
+    if resolved == ALL_LINEAR:
         return True
-    return any(module == t or module.endswith("." + t) for t in targets)
+    if isinstance(resolved, str):
+        return re.fullmatch(resolved, module) is not None
+    return any(module == t or module.endswith("." + t) for t in resolved)
 
 
 def check_shapes(tensors: Shapes, bounds: AdapterBounds) -> None:

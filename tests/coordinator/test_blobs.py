@@ -45,3 +45,28 @@ def test_leftover_temporary_files_are_cleaned_on_open(tmp_path) -> None:
 def test_bad_digests_are_refused(tmp_path) -> None:
     with pytest.raises(BlobError):
         BlobStore(tmp_path).path("../../etc/passwd")
+
+
+def test_sweep_removes_only_old_unreferenced_blobs(tmp_path) -> None:
+    import os
+    import time
+
+    blobs = BlobStore(tmp_path)
+    kept, orphan, young = (blobs.put_bytes(x)[0] for x in (b"kept", b"orphan", b"young"))
+    old = time.time() - 7200
+    for sha in (kept, orphan):
+        os.utime(blobs.path(sha), (old, old))
+    assert blobs.sweep({kept}, older_than_s=3600) == 1
+    assert blobs.exists(kept) and blobs.exists(young) and not blobs.exists(orphan)
+
+
+def test_a_staged_blob_commits_once_and_is_discarded_otherwise(tmp_path) -> None:
+    blobs = BlobStore(tmp_path)
+    staged = blobs.stage([b"payload"])
+    assert not blobs.exists(staged.sha256) and not staged.committed
+    assert staged.commit() == staged.commit()  # a retried transaction calls it again
+    assert staged.committed and blobs.read(staged.sha256) == b"payload"
+    other = blobs.stage([b"refused"])
+    other.discard()
+    assert not blobs.exists(other.sha256)
+    assert not list((tmp_path / "00").glob(".tmp-*"))

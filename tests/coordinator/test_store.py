@@ -187,3 +187,48 @@ def test_rejections_are_recorded_per_job(store: Store) -> None:
     (row,) = store.rejections(job_id)
     assert row.reason == "ERROR_REASON_NON_FINITE" and "NaN" in row.message
     assert store.count(AdapterVersion) == 0
+
+
+def test_a_refused_update_row_never_makes_its_blob_visible(store: Store, tmp_path) -> None:
+    """The row is flushed first and the blob committed inside its transaction: a row the
+    database refuses (here BIGINT overflow, which only PostgreSQL enforces) leaves none."""
+    from fedpilot.coordinator.db.blobs import BlobStore
+
+    job_id, worker_id = _job_with_round(store)
+    blobs = BlobStore(tmp_path / "blobs")
+    staged = blobs.stage([b"update bytes"])
+    row = _update(job_id, worker_id)
+    row.sha256 = staged.sha256
+    row.measured_peak_bytes = 2**63
+    if store.engine.dialect.name == "postgresql":
+        with pytest.raises(Exception, match="out of range"):
+            store.record_update(row, before_commit=staged.commit)
+        assert not staged.committed and not blobs.exists(staged.sha256)
+        assert store.updates(job_id, 1) == []
+        staged.discard()
+    good = _update(job_id, worker_id)
+    fresh = blobs.stage([b"update bytes"])
+    good.sha256 = fresh.sha256
+    assert not store.record_update(good, before_commit=fresh.commit).duplicate
+    assert blobs.exists(fresh.sha256) and store.referenced_blobs() == {fresh.sha256}
+
+
+def test_a_heartbeat_the_database_refuses_is_dropped_alone(store: Store) -> None:
+    _, worker_id = _job_with_round(store)
+    other, _ = store.register_worker("o", {}, {"kind": "cpu"}, 1)
+    store.heartbeat(worker_id, "training", "t" * 100)  # longer than the column
+    store.heartbeat(other, "training", "t1")
+    store.flush_heartbeats()
+    states = {w.id: (w.state, w.current_task) for w in store.workers()}
+    assert states[other] == ("training", "t1")
+    if store.engine.dialect.name == "postgresql":
+        assert states[worker_id][1] is None  # refused, not retried forever
+    assert store.flush_heartbeats() == 0
+
+
+def test_workers_are_found_by_their_token_alone(store: Store) -> None:
+    worker_id, token = store.register_worker("w", {}, {"kind": "cpu"}, 1)
+    found = store.worker_by_token(token)
+    assert found is not None and found.id == worker_id
+    for wrong in ("", "x" * 43, token[:-1], "t" * 10_000):
+        assert store.worker_by_token(wrong) is None

@@ -136,3 +136,42 @@ def test_streamed_chunks_equal_the_encoded_bytes(chunk: int) -> None:
     joined = b"".join(pieces)
     assert joined == bytes(payload.to_bytes()) and len(joined) == payload.total_bytes
     assert hashlib.sha256(joined).hexdigest() == payload.sha256
+
+
+@pytest.mark.parametrize(
+    ("mutate", "why"),
+    [
+        (lambda data: data + b"\x00" * 16, "16 bytes after the last tensor"),
+        (lambda data: data + b"x", "1 bytes after the last tensor"),
+    ],
+)
+def test_bytes_no_tensor_owns_are_refused(mutate, why) -> None:
+    from fedpilot.wire.payload import decode_tensors
+
+    data, _ = encode_tensors(_tensors())
+    with pytest.raises(WireError, match=why) as e:
+        decode_tensors(mutate(bytes(data)))
+    assert _reason(e) == "ERROR_REASON_MALFORMED"
+
+
+def test_gaps_between_or_before_tensors_are_refused() -> None:
+    import json
+
+    from fedpilot.wire.payload import decode_tensors
+
+    def payload(header: dict, body: bytes) -> bytes:
+        head = json.dumps(header).encode()
+        head += b" " * (-len(head) % 8)
+        return len(head).to_bytes(8, "little") + head + body
+
+    gap = {
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+    }
+    with pytest.raises(WireError, match="4 bytes between"):
+        decode_tensors(payload(gap, bytes(12)))
+    late = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    with pytest.raises(WireError, match="4 bytes before the first tensor"):
+        decode_tensors(payload(late, bytes(8)))
+    exact = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    assert decode_tensors(payload(exact, bytes(8)))["a"].shape == (2,)
