@@ -188,7 +188,7 @@ class Guard:
                 ),
                 worker_id=worker.id,
             )
-        return worker.id
+        return str(worker.id)
 
     def _malformed(self, method: str, context: grpc.ServicerContext, request: _Malformed) -> None:
         log.info("rejected %s: %d bytes that are not a valid request message", method, request.size)

@@ -181,7 +181,10 @@ def _check_metrics(url: str, job_id: str) -> None:
     assert value("fedpilot_assignment_solve_seconds", "_count") == 2
     assert value("fedpilot_aggregation_seconds", "_count") == 2
     assert value("fedpilot_workers_connected") == 2
-    for worker in ("small", "large"):
-        assert value("fedpilot_registered_budget_bytes", worker=worker) > 0
-        assert value("fedpilot_reported_peak_bytes", worker=worker) > 0
+    # Per-worker series are labelled by worker id (bounded), never by a chosen name.
+    ids = {w["name"]: w["id"] for w in httpx.get(f"{url}/api/v1/workers").json()}
+    for name in ("small", "large"):
+        assert value("fedpilot_registered_budget_bytes", worker=ids[name]) > 0
+        assert value("fedpilot_reported_peak_bytes", worker=ids[name]) > 0
+        assert value("fedpilot_registered_budget_bytes", worker=name) == 0
     assert 0 <= value("fedpilot_global_accuracy", job=job_id) <= 1

@@ -80,4 +80,23 @@ def create_app(ctx: ApiContext) -> FastAPI:
     else:
         app.include_router(dashboard.router)
     app.add_middleware(RequestGuard, ctx=ctx)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the job spec, whose body the submit route parses itself."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from fedpilot.coordinator.jobspec import JobSpec
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(spec.pop("$defs", {}))
+        components["JobSpec"] = spec
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -53,7 +53,23 @@ def _send_head(api: Api, head: str, body: bytes = b"") -> tuple[socket.socket, b
     """Send a request head (and part of a body) on a raw socket; what comes back first."""
     sock = socket.create_connection(("127.0.0.1", api.coordinator.http_port), timeout=10)
     sock.sendall(head.encode() + body)
-    return sock, sock.recv(65536)
+    return sock, _response(sock)
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole response (head and the body its Content-Length announces)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest
 
 
 POST = "POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -80,7 +96,7 @@ def test_bodies_are_refused_before_they_are_read(api: Api) -> None:
             chunked.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
         except OSError:
             break
-    reply = chunked.recv(65536)
+    reply = _response(chunked)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert api.anonymous.get("/healthz", timeout=5).status_code == 200
     for s in (anonymous, authorized, chunked):
