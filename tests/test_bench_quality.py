@@ -14,6 +14,18 @@ from fedpilot.cluster import write_csv
 from fedpilot.worker.data import synthetic_dataset
 from tests.models import TINY_LABELS
 
+SIM_METHODS = (
+    "fedpilot",
+    "fresh-ig",
+    "fedpilot-fixed",
+    "fedra",
+    "hetlora",
+    "flexlora",
+    "uniform",
+    "fedavg",
+    "unconstrained",
+)
+
 
 def _dataset(folder: Path) -> Path:
     for name, n, seed in (("train.csv", 240, 1), ("test.csv", 60, 2)):
@@ -22,16 +34,8 @@ def _dataset(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
-def test_quick_quality_bench_compares_every_method_without_violations(
-    tmp_path: Path, tiny_dir: Path
-) -> None:
-    # Prepare
-    out = tmp_path / "out"
-    data = _dataset(tmp_path / "data")
-
-    # Execute: the CLI as a user runs it, shrunk to 3 workers (one per memory tier)
-    result = subprocess.run(
+def _bench(tmp_path: Path, tiny_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -46,7 +50,7 @@ def test_quick_quality_bench_compares_every_method_without_violations(
             "--model",
             str(tiny_dir),
             "--dataset",
-            str(data),
+            str(_dataset(tmp_path / "data")),
             "--per-class",
             "40",
             "--eval-per-class",
@@ -56,29 +60,80 @@ def test_quick_quality_bench_compares_every_method_without_violations(
             "--max-seq-len",
             "16",
             "--out",
-            str(out),
+            str(tmp_path / "out"),
+            *extra,
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
+    )
+
+
+def test_quick_sim_bench_runs_every_method_and_seed_and_reports_intervals(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    # Execute: one method of each kind and every rank baseline, 2 seeds, on the simulator
+    result = _bench(
+        tmp_path,
+        tiny_dir,
+        "--seeds",
+        "2",
+        "--setting",
+        "pathological-2",
+        *[x for m in SIM_METHODS for x in ("--method", m)],
     )
 
     # Assert
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["method"] for r in rows] == list(METHOD_NAMES)
+    assert [(r["seed"], r["method"]) for r in rows] == [
+        (k, m) for k in (0, 1) for m in METHOD_NAMES if m in SIM_METHODS
+    ]
+    assert {r["setting"] for r in rows} == {"pathological-2"}
     for r in rows:
-        assert r["bench"] == "quality" and r["state"] == "done", r
+        assert r["engine"] == "sim" and r["state"] == "done", r
+        assert r["violations"] == 0, r
+        assert len(r["accuracy"]) == 2
+        assert r["assigned_tasks"] > 0
+    by = {(r["seed"], r["method"]): r for r in rows}
+    assert by[(0, "uniform")]["mean_modules"] < by[(0, "unconstrained")]["mean_modules"]
+    out = tmp_path / "out"
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(rows)
+    report = json.loads((out / "results.json").read_text())
+    summary = {s["method"]: s for s in report["summary"]}
+    assert summary["fedavg"]["final"]["n"] == 2
+    assert summary["fedavg"]["vs_reference"]["ci95"] is not None
+    assert summary["fedpilot"]["vs_reference"] is None
+    table = (out / "results.md").read_text()
+    for name in SIM_METHODS:
+        assert f"| {name} |" in table
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_quick_cluster_bench_runs_the_cluster_methods_without_violations(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    # Execute: the real processes, on the methods the cluster runs
+    methods = ["fedpilot", "coverage", "fedra", "exclusive", "unconstrained"]
+    result = _bench(
+        tmp_path, tiny_dir, "--engine", "cluster", *[x for m in methods for x in ("--method", m)]
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["method"] for r in rows] == methods
+    for r in rows:
+        assert r["engine"] == "cluster" and r["state"] == "done", r
         assert r["violations"] == 0, r
         assert len(r["accuracy"]) == 2
         assert r["bytes_moved"] > 0 and r["assigned_tasks"] > 0
-    by_name = {r["method"]: r for r in rows}
-    assert by_name["uniform"]["mean_modules"] < by_name["unconstrained"]["mean_modules"]
-    report = json.loads((out / "results.json").read_text())
-    assert len(report["results"]) == len(METHOD_NAMES)
-    table = (out / "results.md").read_text()
-    for name in METHOD_NAMES:
-        assert f"| {name} |" in table
-    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "bench quality" in result.stderr  # the rich table
+
+
+def test_sim_only_methods_are_refused_on_the_cluster(tmp_path: Path, tiny_dir: Path) -> None:
+    result = _bench(tmp_path, tiny_dir, "--engine", "cluster", "--method", "hetlora")
+    assert result.returncode != 0
+    assert "simulator only" in result.stdout + result.stderr

@@ -83,10 +83,16 @@ def quality(
     rounds: Annotated[int | None, typer.Option(min=1)] = None,
     setting: Annotated[
         list[str] | None,
-        typer.Option(help="Partition: dirichlet-ALPHA or iid (repeatable; default dirichlet-0.5)."),
+        typer.Option(
+            help="Partition: dirichlet-ALPHA, iid or pathological-K (K classes per client; "
+            "repeatable; default dirichlet-0.5)."
+        ),
     ] = None,
     all_settings: Annotated[
-        bool, typer.Option("--all-settings", help="dirichlet-0.5, dirichlet-0.1 and iid.")
+        bool,
+        typer.Option(
+            "--all-settings", help="iid, dirichlet-0.5, dirichlet-0.1 and pathological-2."
+        ),
     ] = False,
     method: Annotated[
         list[str] | None, typer.Option(help="Only these methods (repeatable; default all).")
@@ -116,10 +122,29 @@ def quality(
     database_url: Annotated[
         str, typer.Option(help="Default: FEDPILOT_DATABASE_URL or SQLite.")
     ] = "",
+    engine: Annotated[
+        str, typer.Option(help="sim: virtual clients in one process; cluster: real processes.")
+    ] = "sim",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per method (seed, seed+1, ...).")] = 1,
+    participants: Annotated[
+        int | None, typer.Option(min=1, help="Clients sampled per round (default: all).")
+    ] = None,
+    probe_examples: Annotated[
+        int | None, typer.Option(min=1, help="Examples per local IG probe.")
+    ] = None,
+    eval_max: Annotated[
+        int | None, typer.Option(min=1, help="Held-out examples evaluated per round.")
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(min=0, help="torch threads of the simulator (0: torch's default).")
+    ] = 0,
 ) -> None:
-    """Fed-piLot vs ablations, baselines and an unconstrained bound on a real local cluster.
+    """Fed-piLot vs fixes, ablations, baselines and an unconstrained bound.
 
-    Progress and the table go to stderr; one JSON object per method to stdout.
+    ``--engine sim`` (default) runs virtual clients on the services' own functions;
+    ``--engine cluster`` runs a real local cluster. Progress and the tables go to
+    stderr; one JSON object per run to stdout; every finished run is appended to
+    ``OUT/runs.jsonl`` as it ends.
     """
     from dataclasses import replace
 
@@ -141,8 +166,15 @@ def quality(
         "batch_size": batch_size,
         "max_seq_len": max_seq_len,
         "learning_rate": learning_rate,
+        "participants": participants,
+        "probe_examples": probe_examples,
+        "eval_max": eval_max,
     }
-    settings = ("dirichlet-0.5", "dirichlet-0.1", "iid") if all_settings else tuple(setting or ())
+    settings = (
+        ("iid", "dirichlet-0.5", "dirichlet-0.1", "pathological-2")
+        if all_settings
+        else tuple(setting or ())
+    )
     config = replace(
         config,
         **{k: v for k, v in given.items() if v is not None},
@@ -153,12 +185,19 @@ def quality(
         target_accuracy=target,
         out=out,
         database_url=database_url,
+        engine=engine,
+        seeds=seeds,
     )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     console = Console(stderr=True)
     # SIGTERM as Ctrl-C: unwind, so the cluster's processes are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = bench.run(config, bench.Progress(console.print))
     console.print(bench.rich_table(rows, rows[0]["target_accuracy"] if rows else 0.0))
+    console.print(bench.rich_summary(rows))
     console.print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy.png'}")
     _emit(rows)
 

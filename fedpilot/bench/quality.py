@@ -33,7 +33,7 @@ import numpy as np
 
 from fedpilot.cluster import LocalCluster, write_csv
 from fedpilot.core.memory import MemoryModel
-from fedpilot.core.partition import dirichlet_partition, iid_partition
+from fedpilot.core.partition import dirichlet_partition, iid_partition, pathological_partition
 from fedpilot.demo import DEFAULT_DATASET, measure_profile, tier_budgets
 
 CONSTRAINED = "constrained"
@@ -44,9 +44,15 @@ UNCONSTRAINED = "unconstrained"
 class Method:
     name: str
     kind: str
-    """What it is: paper, ablation, baseline or bound."""
+    """What it is: paper, fix, ablation, baseline or bound."""
     overrides: Mapping[str, Any]
     budgets: str = CONSTRAINED
+    sim: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`~fedpilot.sim.SimOptions` fields; a method with any runs on the simulator only."""
+
+    @property
+    def sim_only(self) -> bool:
+        return bool(self.sim)
 
 
 def _agg(**kwargs: Any) -> dict[str, Any]:
@@ -55,12 +61,28 @@ def _agg(**kwargs: Any) -> dict[str, Any]:
 
 METHODS: tuple[Method, ...] = (
     Method("fedpilot", "paper", {}),
+    # Fixes, each alone, then together.
+    Method("fresh-ig", "fix", {}, sim={"fresh_scores": True}),
+    Method("forget-scores", "ablation", {}, sim={"keep_scores": False}),
+    Method("convex-dwa", "fix", _agg(dwa={"convex": True})),
+    Method("coverage", "fix", _agg(dwa={"convex": True, "coverage": True})),
+    Method("exact-merge", "ablation", _agg(merge="exact")),
+    Method(
+        "fedpilot-fixed",
+        "fix",
+        _agg(dwa={"convex": True, "coverage": True}),
+        sim={"fresh_scores": True},
+    ),
+    # Ablations of the paper's method.
     Method("ig-local-only", "ablation", {"ig_lambda": 1.0}),
     Method("ig-global-only", "ablation", {"ig_lambda": 0.0}),
     Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0})),
-    Method("exact-merge", "ablation", _agg(merge="exact")),
+    # Baselines.
+    Method("fedra", "baseline", {"strategy": "fedra", **_agg(dwa={"gamma": 0.0})}),
+    Method("hetlora", "baseline", {"strategy": "full"}, sim={"rank_baseline": "hetlora"}),
+    Method("flexlora", "baseline", {"strategy": "full"}, sim={"rank_baseline": "flexlora"}),
+    Method("exclusive", "baseline", {"strategy": "full"}),
     Method("uniform", "baseline", {"strategy": "uniform"}),
-    Method("full", "baseline", {"strategy": "full"}),
     Method("random", "baseline", {"strategy": "random"}),
     Method("top-down", "baseline", {"strategy": "top-down"}),
     Method("fedavg", "baseline", _agg(rule="fedavg")),
@@ -68,9 +90,14 @@ METHODS: tuple[Method, ...] = (
 )
 """Every compared method. ``fedpilot`` is the paper's method (knapsack over
 IG-Scores with lambda 0.5, STAgg with DWA, ``factors`` merge); each other row
-changes one thing."""
+changes one thing, except ``fedpilot-fixed`` (the fixes together) and the
+baselines. ``exclusive`` is the ``full`` strategy: only clients that fit every
+module train. ``fedra`` aggregates per module over its trainers (gamma 0), as
+FedRA averages each layer over the clients that trained it."""
 
 METHOD_NAMES = tuple(m.name for m in METHODS)
+CLUSTER_METHODS = tuple(m.name for m in METHODS if not m.sim_only)
+ENGINES = ("sim", "cluster")
 
 
 @dataclass
@@ -98,6 +125,17 @@ class QualityConfig:
     database_url: str = ""
     round_deadline_s: float = 900.0
     reuse_profiles: bool = True
+    engine: str = "sim"
+    """``sim``: virtual clients in this process; ``cluster``: real processes over gRPC."""
+    seeds: int = 1
+    """Seeds per method: ``seed``, ``seed + 1``, ... (partition, initial adapter, sampling)."""
+    participants: int | None = None
+    """Clients sampled per round; None = every client."""
+    probe_examples: int = 16
+    """Examples per local IG probe (the worker's default)."""
+    eval_max: int = 2000
+    """Held-out examples evaluated per round (the coordinator's default cap)."""
+    ig_probe_batches: int = 1
 
 
 def quick(config: QualityConfig) -> QualityConfig:
@@ -113,10 +151,16 @@ def quick(config: QualityConfig) -> QualityConfig:
 
 
 def parse_setting(text: str) -> tuple[str, float | None]:
-    """``iid``, ``dirichlet-0.5`` or ``0.5`` -> (canonical name, alpha or None)."""
+    """``iid``, ``dirichlet-0.5`` or ``0.5``, ``pathological-2`` -> (canonical name, alpha or
+    None); a pathological split's number is its classes per client, as a negative alpha."""
     t = text.strip().lower()
     if t == "iid":
         return "iid", None
+    if t.startswith("pathological"):
+        k = int(t.removeprefix("pathological").lstrip("-") or "2")
+        if k < 1:
+            raise ValueError(f"classes per client must be >= 1: {text!r}")
+        return f"pathological-{k}", float(-k)
     alpha = float(t.removeprefix("dirichlet-").removeprefix("dirichlet"))
     if not alpha > 0:
         raise ValueError(f"Dirichlet alpha must be > 0: {text!r}")
@@ -173,6 +217,8 @@ def partition(
     when a split allows it, else as close to that as possible (never none)."""
     if alpha is None:
         return iid_partition(len(labels), workers, seed)
+    if alpha < 0:
+        return pathological_partition(labels, workers, int(-alpha), seed)
     for size in sorted({min_size, max(1, min_size // 2), max(1, min_size // 4), 1}, reverse=True):
         try:
             return dirichlet_partition(labels, workers, alpha, seed, min_size=size)
@@ -216,8 +262,11 @@ def job_spec(
             "target_modules": list(config.targets),
         },
         "eval_dataset": str(eval_file),
-        "ig_probe_batches": 1,
+        "ig_probe_batches": config.ig_probe_batches,
     }
+    if config.participants is not None:
+        spec["participants"] = config.participants
+        spec["min_workers"] = min(config.workers, config.participants)
     for key, value in method.overrides.items():
         if isinstance(value, dict):
             merged = dict(spec.get(key, {}))
@@ -477,6 +526,127 @@ def _wait_alive(cluster: LocalCluster, names: list[str], heartbeat_timeout: floa
     raise TimeoutError(f"workers {sorted(want)} did not come up alone")
 
 
+# -- the simulator engine --------------------------------------------------------------------
+
+
+def client_budgets(memory: MemoryModel, workers: int, method: Method) -> list[int]:
+    if method.budgets == UNCONSTRAINED:
+        return [unconstrained_budget(memory)] * workers
+    return tier_budgets(memory, workers)
+
+
+def sim_setting(
+    config: QualityConfig, setting: str, progress: Progress, cache: Any = None
+) -> Iterator[dict[str, Any]]:
+    """Every wanted method and seed of one setting on the simulator, a row per run."""
+    from fedpilot.coordinator.evaluation import HeldOutEvaluator
+    from fedpilot.coordinator.jobspec import JobSpec
+    from fedpilot.sim import ModelCache, SimOptions, Simulation, VirtualClient
+
+    name, alpha = parse_setting(setting)
+    cache = cache or ModelCache()
+    wanted = [m for m in METHODS if m.name in config.methods]
+    for seed in range(config.seed, config.seed + config.seeds):
+        out = (config.out / name / f"seed{seed}").resolve()
+        texts, labels, ev_texts, ev_labels, names = load_split(
+            config.dataset, config.classes, config.per_class, config.eval_per_class, seed
+        )
+        parts = partition(labels, config.workers, alpha, seed, min_size=config.batch_size)
+        files = [
+            write_csv(
+                out / "data" / f"worker{i:03d}.csv",
+                [texts[j] for j in p],
+                [names[labels[j]] for j in p],
+            )
+            for i, p in enumerate(parts)
+        ]
+        eval_file = write_csv(out / "data" / "eval.csv", ev_texts, [names[y] for y in ev_labels])
+        evaluator = HeldOutEvaluator(max_examples=config.eval_max)
+        progress.print(
+            f"[{name} seed {seed}] {len(texts)} training examples of {len(names)} classes over "
+            f"{config.workers} clients (sizes {min(map(len, parts))}..{max(map(len, parts))}); "
+            f"{min(len(ev_texts), config.eval_max)} held out"
+        )
+        for method in wanted:
+            seeded = replace(config, seed=seed)
+            spec = JobSpec.model_validate(job_spec(seeded, method, names, eval_file))
+            memory, _ = cache.profile(spec)
+            budgets = client_budgets(memory, config.workers, method)
+            clients = [
+                VirtualClient(f"worker{i:03d}", f, b)
+                for i, (f, b) in enumerate(zip(files, budgets, strict=True))
+            ]
+            options = SimOptions(**method.sim, probe_examples=config.probe_examples, loss_batches=1)
+            sim = Simulation(spec, clients, evaluator=evaluator, options=options, cache=cache)
+            start = time.monotonic()
+            state = "done"
+
+            def shout(r: Any, method: Method = method, seed: int = seed) -> None:
+                progress.print(
+                    f"[{name} seed {seed}] {method.name} round {r.number}: accuracy "
+                    f"{r.eval_accuracy}, train loss {r.loss_before:.3f} -> {r.loss_after:.3f}, "
+                    f"{len(r.modules)} updates, {r.seconds:.1f} s"
+                )
+
+            try:
+                result = sim.run(shout)
+            except RuntimeError as e:
+                state, result = f"failed: {e}", None
+            wall = time.monotonic() - start
+            row = {
+                "bench": "quality",
+                "engine": "sim",
+                "setting": name,
+                "method": method.name,
+                "kind": method.kind,
+                "seed": seed,
+                "state": state,
+                "workers": config.workers,
+                "rounds": config.rounds,
+                "classes": len(names),
+                "wall_s": round(wall, 1),
+                **sim_result(result),
+            }
+            progress.print(
+                f"[{name} seed {seed}] {method.name}: {state}, final accuracy "
+                f"{row['final_accuracy']}, best {row['best_accuracy']}, {wall:.0f} s"
+            )
+            yield row
+
+
+def sim_result(result: Any) -> dict[str, Any]:
+    if result is None:
+        return {
+            "accuracy": [],
+            "final_accuracy": None,
+            "best_accuracy": None,
+            "bytes_moved": 0,
+            "violations": 0,
+            "violations_predicted": 0,
+            "violations_measured": 0,
+            "assigned_tasks": 0,
+            "mean_modules": 0.0,
+            "workers_per_round": 0.0,
+            "train_seconds": 0.0,
+        }
+    acc = result.accuracy
+    modules = [len(m) for r in result.rounds for m in r.modules.values()]
+    tasks = sum(len(r.modules) for r in result.rounds)
+    return {
+        "accuracy": [round(a, 5) for a in acc],
+        "final_accuracy": acc[-1] if acc else None,
+        "best_accuracy": max(acc) if acc else None,
+        "bytes_moved": result.bytes_moved,
+        "violations": result.violations_predicted + result.violations_measured,
+        "violations_predicted": result.violations_predicted,
+        "violations_measured": result.violations_measured,
+        "assigned_tasks": tasks,
+        "mean_modules": round(float(np.mean(modules)), 2) if modules else 0.0,
+        "workers_per_round": round(tasks / max(1, len(result.rounds)), 2),
+        "train_seconds": round(sum(r.seconds for r in result.rounds), 1),
+    }
+
+
 # -- the whole run ---------------------------------------------------------------------------
 
 
@@ -497,37 +667,79 @@ def finish(rows: list[dict[str, Any]], target: float | None) -> float:
     return target
 
 
-def run(config: QualityConfig, progress: Progress | None = None) -> list[dict[str, Any]]:
-    progress = progress or Progress()
+def _check(config: QualityConfig) -> None:
     if not (config.dataset.is_file() or (config.dataset / "train.csv").is_file()):
         raise FileNotFoundError(
             f"{config.dataset}: neither a CSV nor a folder with train.csv/test.csv "
             "(set FEDPILOT_BANKING77 or pass --dataset)"
         )
+    if config.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {config.engine!r}")
+    if config.seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {config.seeds}")
     unknown = set(config.methods) - set(METHOD_NAMES)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHOD_NAMES)}")
+    if config.engine == "cluster":
+        sim_only = sorted(set(config.methods) - set(CLUSTER_METHODS))
+        if sim_only:
+            raise ValueError(f"methods {sim_only} run on the simulator only (--engine sim)")
+
+
+def rows_of(config: QualityConfig, progress: Progress) -> Iterator[dict[str, Any]]:
+    """Every run of the configuration, as it finishes."""
+    if config.engine == "sim":
+        from fedpilot.sim import ModelCache
+
+        cache = ModelCache()
+        for setting in config.settings:
+            yield from sim_setting(config, setting, progress, cache)
+        return
+    for setting in config.settings:
+        for seed in range(config.seed, config.seed + config.seeds):
+            for row in run_setting(replace(config, seed=seed), setting, progress):
+                yield {**row, "engine": "cluster", "seed": seed}
+
+
+def run(config: QualityConfig, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Run, append each finished run to ``runs.jsonl`` (usable while the rest runs), then
+    write ``results.json``, ``results.md`` and ``accuracy.png``."""
+    progress = progress or Progress()
+    _check(config)
     config.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for setting in config.settings:
-        for row in run_setting(config, setting, progress):
+    with (config.out / "runs.jsonl").open("a", encoding="utf-8") as log:
+        for row in rows_of(config, progress):
             rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+    write_reports(rows, config)
+    return rows
+
+
+def write_reports(rows: list[dict[str, Any]], config: QualityConfig) -> float:
+    """``results.json``, ``results.md`` and ``accuracy.png`` from finished runs."""
+    from fedpilot.bench.stats import as_json, summarise
+
     target = finish(rows, config.target_accuracy)
+    summary = summarise(rows)
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "target_accuracy": target,
+        "summary": [as_json(s) for s in summary],
         "results": rows,
     }
     (config.out / "results.json").write_text(json.dumps(report, indent=2))
     (config.out / "results.md").write_text(markdown(rows, target, config))
     plot(rows, config.out / "accuracy.png")
-    return rows
+    return target
 
 
 # -- reporting ---------------------------------------------------------------------------------
 
 COLUMNS = (
     "setting",
+    "seed",
     "method",
     "kind",
     "final acc",
@@ -546,6 +758,7 @@ def cells(r: Mapping[str, Any]) -> list[str]:
 
     return [
         r["setting"],
+        str(r.get("seed", "-")),
         r["method"] if r["state"] == "done" else f"{r['method']} ({r['state']})",
         r["kind"],
         acc(r["final_accuracy"]),
@@ -558,12 +771,68 @@ def cells(r: Mapping[str, Any]) -> list[str]:
     ]
 
 
+SUMMARY_COLUMNS = (
+    "setting",
+    "seed",
+    "method",
+    "kind",
+    "seeds",
+    "final acc (95% CI)",
+    "best acc (95% CI)",
+    "final - fedpilot (95% CI)",
+    "p",
+    "violations",
+)
+
+
+def summary_cells(s: Mapping[str, Any]) -> list[str]:
+    vs = s["vs_reference"]
+    diff, p = "-", "-"
+    if vs is not None:
+        diff = vs.diff.text() + (" *" if vs.diff.excludes_zero else "")
+        p = "-" if vs.p_value != vs.p_value else f"{vs.p_value:.3f}"
+    return [
+        s["setting"],
+        s["method"],
+        s["kind"],
+        str(s["seeds"]),
+        s["final"].text(),
+        s["best"].text(),
+        diff,
+        p,
+        str(s["violations"]),
+    ]
+
+
 def markdown(rows: list[dict[str, Any]], target: float, config: QualityConfig) -> str:
+    from fedpilot.bench.stats import learned, summarise
+
+    summary = summarise(rows)
+    chance = 1.0 / max(2, config.classes)
     lines = [
-        f"# fedpilot bench quality ({config.workers} workers, {config.rounds} rounds, "
-        f"{config.local_steps} local steps, {config.classes} classes)",
+        f"# fedpilot bench quality ({config.engine} engine, {config.workers} clients, "
+        f"{config.participants or config.workers} per round, {config.rounds} rounds, "
+        f"{config.local_steps} local steps, {config.classes} classes, {config.seeds} seeds)",
         "",
-        f"Target accuracy for 'rounds to target': {target:.3f}.",
+        "Mean over seeds with the 95% t-interval; the difference to fedpilot is paired by seed "
+        "(* = interval excludes 0; p from the paired t-test).",
+        "",
+    ]
+    for setting in dict.fromkeys(s["setting"] for s in summary):
+        if not learned(summary, setting, chance):
+            lines.append(
+                f"**{setting}: the unconstrained bound did not clearly beat chance "
+                f"({chance:.3f}); its methods are not ranked.**"
+            )
+            lines.append("")
+    lines += [
+        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "| " + " | ".join("---" for _ in SUMMARY_COLUMNS) + " |",
+    ]
+    lines += ["| " + " | ".join(summary_cells(s)) + " |" for s in summary]
+    lines += [
+        "",
+        f"Runs (target accuracy for 'rounds to target': {target:.3f}):",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "| " + " | ".join("---" for _ in COLUMNS) + " |",
@@ -572,7 +841,8 @@ def markdown(rows: list[dict[str, Any]], target: float, config: QualityConfig) -
     lines += ["", "Accuracy per round:", ""]
     for r in rows:
         lines.append(
-            f"- {r['setting']} {r['method']}: " + ", ".join(f"{a:.3f}" for a in r["accuracy"])
+            f"- {r['setting']} seed {r.get('seed', config.seed)} {r['method']}: "
+            + ", ".join(f"{a:.3f}" for a in r["accuracy"])
         )
     return "\n".join(lines) + "\n"
 
@@ -582,40 +852,63 @@ def rich_table(rows: list[dict[str, Any]], target: float) -> Any:
 
     table = Table(title=f"bench quality (target accuracy {target:.3f})")
     for i, col in enumerate(COLUMNS):
-        table.add_column(col, justify="left" if i < 3 else "right")
+        table.add_column(col, justify="left" if i < 4 else "right")
     for r in rows:
         table.add_row(*cells(r))
     return table
 
 
+def rich_summary(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    from fedpilot.bench.stats import summarise
+
+    table = Table(title="mean over seeds (95% CI); difference to fedpilot paired by seed")
+    for i, col in enumerate(SUMMARY_COLUMNS):
+        table.add_column(col, justify="left" if i < 3 else "right")
+    for s in summarise(rows):
+        table.add_row(*summary_cells(s))
+    return table
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Mean accuracy per round over seeds, with the 95% t-interval as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fedpilot.bench.stats import t_half_width
+
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
-    styles = {"paper": "-", "ablation": "--", "baseline": ":", "bound": "-."}
+    styles = {"paper": "-", "fix": "-", "ablation": "--", "baseline": ":", "bound": "-."}
     for ax, setting in zip(axes[0], settings, strict=True):
-        for r in rows:
-            if r["setting"] != setting or not r["accuracy"]:
-                continue
-            xs = range(1, len(r["accuracy"]) + 1)
-            ax.plot(
+        mine = [r for r in rows if r["setting"] == setting and r["accuracy"]]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            runs = [r for r in mine if r["method"] == method]
+            length = min(len(r["accuracy"]) for r in runs)
+            curves = np.array([r["accuracy"][:length] for r in runs])
+            mean = curves.mean(axis=0)
+            xs = np.arange(1, length + 1)
+            kind = runs[0]["kind"]
+            (line,) = ax.plot(
                 xs,
-                r["accuracy"],
-                styles.get(r["kind"], "-"),
+                mean,
+                styles.get(kind, "-"),
                 marker="o",
                 markersize=3,
-                linewidth=2.5 if r["kind"] == "paper" else 1.2,
-                label=r["method"],
+                linewidth=2.5 if kind == "paper" else 1.2,
+                label=f"{method} (n={len(runs)})",
             )
+            if len(runs) > 1:
+                half = np.array([t_half_width(curves[:, i].tolist()) for i in range(length)])
+                ax.fill_between(xs, mean - half, mean + half, color=line.get_color(), alpha=0.15)
         ax.set_title(setting)
         ax.set_xlabel("round")
-        ax.set_ylabel("held-out accuracy")
+        ax.set_ylabel("held-out accuracy (mean, 95% CI)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,6 +8,10 @@ Clients send only the modules they trained.
   trained it, weighted by sample counts; then the global module moves toward
   that average by a step ``eta_m`` that grows for under-updated modules (DWA):
   ``W <- W + eta_m (Agg - W)``, ``eta_m = eta * clip((u_mean / u_m) ** gamma, 1, eta_max)``.
+  Two optional refinements keep the step inside the clients' hull and damp
+  modules few participants trained: ``convex`` caps ``eta_m`` at 1, and
+  ``coverage`` multiplies it by the share of this round's samples whose
+  clients trained the module (with ``gamma=0`` that is FedAvg's stale blend).
 - **FedAvg** (``rule="fedavg"``): the baseline; every participant counts for
   every module, and one that did not train ``m`` contributes the stale global value.
 
@@ -83,6 +87,11 @@ class DwaConfig:
     eta: float = 1.0
     gamma: float = 0.5
     eta_max: float = 2.0
+    convex: bool = False
+    """Cap ``eta_m`` at 1, so the new value stays between the old one and the aggregate."""
+    coverage: bool = False
+    """Scale ``eta_m`` by the share of the round's samples that trained the module: a module
+    averaged over a few skewed clients moves only as far as their share of the round."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eta <= 10.0:
@@ -92,10 +101,14 @@ class DwaConfig:
         if not 1.0 <= self.eta_max <= 100.0:
             raise ValueError(f"eta_max must be in [1, 100], got {self.eta_max}")
 
-    def step(self, count: int, mean_count: float) -> float:
-        """``eta_m`` for a module with ``count`` updates when modules average ``mean_count``."""
+    def step(self, count: int, mean_count: float, share: float = 1.0) -> float:
+        """``eta_m`` for a module with ``count`` updates when modules average ``mean_count``;
+        ``share`` is the fraction of the round's samples from clients that trained it."""
         ratio = (mean_count / count) ** self.gamma if count > 0 else self.eta_max
-        return self.eta * min(max(ratio, 1.0), self.eta_max)
+        step = self.eta * min(max(ratio, 1.0), self.eta_max)
+        if self.coverage:
+            step *= min(max(share, 0.0), 1.0)
+        return min(step, 1.0) if self.convex else step
 
 
 @dataclass(frozen=True)
@@ -404,7 +417,8 @@ class Aggregator:
             else:
                 denom = float(sum(contributors.values()))
                 stale = 0.0
-                step = self._dwa.step(stats[name].update_count, mean_count)
+                share = denom / max(1.0, float(self._total_samples))
+                step = self._dwa.step(stats[name].update_count, mean_count, share)
             weights[name] = {c: n / denom for c, n in contributors.items()}
             if stale > 0:
                 weights[name]["<stale>"] = stale

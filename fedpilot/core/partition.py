@@ -65,3 +65,45 @@ def _check(num_samples: int, num_clients: int) -> None:
         raise ValueError(f"num_clients must be > 0, got {num_clients}")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+
+
+def pathological_partition(
+    labels: Sequence[int] | np.ndarray, num_clients: int, classes_per_client: int, seed: int
+) -> list[np.ndarray]:
+    """Each client holds ``classes_per_client`` classes (the field's "pathological" split).
+
+    Classes are dealt to clients from a shuffled, repeated class list so that every
+    class has holders as evenly as possible; each class's samples are split evenly
+    among its holders. Samples of a class nobody drew are left out.
+    """
+    y = np.asarray(labels)
+    _check(len(y), num_clients)
+    classes = np.unique(y)
+    if not 1 <= classes_per_client <= len(classes):
+        raise ValueError(
+            f"classes_per_client must be in 1..{len(classes)}, got {classes_per_client}"
+        )
+    rng = np.random.default_rng(seed)
+    deck: list[int] = []
+    holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    for client in range(num_clients):
+        mine: list[int] = []
+        while len(mine) < classes_per_client:
+            if not deck:
+                deck = [int(c) for c in rng.permutation(classes)]
+            pick = next((c for c in deck if c not in mine), None)
+            if pick is None:  # the deck's rest is already held: start a new deck
+                deck = []
+                continue
+            deck.remove(pick)
+            mine.append(pick)
+        for c in mine:
+            holders[c].append(client)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c, who in holders.items():
+        if not who:
+            continue
+        idx = rng.permutation(np.flatnonzero(y == c))
+        for client, chunk in zip(who, np.array_split(idx, len(who)), strict=True):
+            parts[client].append(chunk)
+    return [np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for p in parts]

@@ -6,7 +6,10 @@ budget, or marks the client infeasible with the reason. They differ only in
 *which* feasible set they pick:
 
 - ``fedpilot``: exact knapsack maximising the IG-Score (the paper's method);
-- ``random``: a random maximal feasible subset (FedRA-like);
+- ``random``: a random maximal feasible subset of modules;
+- ``fedra``: FedRA's random layer allocation, redrawn every round: the head,
+  then whole layers in a random order while they fit (Su et al. 2023, with
+  the depth-aware memory model deciding how many layers fit);
 - ``top-down``: the head, then whole layers from the top down while they fit;
 - ``uniform``: every client trains the set that the weakest participant can afford;
 - ``full``: every module; clients that cannot afford it sit out.
@@ -29,6 +32,7 @@ from fedpilot.core.memory import MemoryModel, WorkerProfile
 class Strategy(StrEnum):
     FEDPILOT = "fedpilot"
     RANDOM = "random"
+    FEDRA = "fedra"
     TOP_DOWN = "top-down"
     UNIFORM = "uniform"
     FULL = "full"
@@ -69,6 +73,9 @@ def assign(
     if strategy is Strategy.RANDOM:
         rng = random.Random(seed)
         return [_greedy(c, _shuffled(c.profile.memory.module_names, rng)) for c in clients]
+    if strategy is Strategy.FEDRA:
+        rng = random.Random(seed)
+        return [_fedra(c, rng) for c in clients]
     if strategy is Strategy.TOP_DOWN:
         return [_top_down(c) for c in clients]
     if strategy is Strategy.UNIFORM:
@@ -163,6 +170,26 @@ def _top_down(client: Client) -> Assignment:
     memory = client.profile.memory
     order = sorted(memory.module_names, key=lambda n: -memory.depth(memory.module(n).layer))
     return _greedy(client, order, stop_at_first_misfit=True)
+
+
+def _fedra(client: Client, rng: random.Random) -> Assignment:
+    """The head first, then whole layers in a random order; a layer goes in only whole."""
+    profile = client.profile
+    if not profile.can_participate:
+        return _infeasible(client, _m0_reason(client))
+    memory = profile.memory
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    for m in memory.modules:
+        by_layer[memory.depth(m.layer)].append(m.name)
+    top = max(by_layer)
+    head, layers = by_layer[top], [d for d in sorted(by_layer) if d != top]
+    rng.shuffle(layers)
+    chosen: list[str] = []
+    for group in [head, *(by_layer[d] for d in layers)]:
+        if profile.fits([*chosen, *group]):
+            chosen += group
+    names = _ordered(memory, chosen)
+    return Assignment(client.name, names, memory.cost(names), _value(client, names), True)
 
 
 def _full(client: Client) -> Assignment:

@@ -56,3 +56,18 @@ def test_impossible_requests_are_explained() -> None:
         dirichlet_partition([0, 1], 2, 0.0, seed=0)
     with pytest.raises(ValueError, match="samples each"):
         dirichlet_partition([0, 1], 3, 1.0, seed=0)
+
+
+def test_pathological_split_gives_each_client_k_classes_and_loses_nothing_drawn() -> None:
+    import numpy as np
+
+    from fedpilot.core.partition import pathological_partition
+
+    labels = np.repeat(np.arange(10), 20)
+    parts = pathological_partition(labels, 10, 2, seed=4)
+    assert all(len(set(labels[p])) == 2 for p in parts)
+    flat = np.concatenate(parts)
+    assert len(flat) == len(set(flat.tolist())) == len(labels)  # every class drawn exactly twice
+    assert [p.tolist() for p in parts] == [
+        p.tolist() for p in pathological_partition(labels, 10, 2, seed=4)
+    ]

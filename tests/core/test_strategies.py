@@ -73,3 +73,24 @@ def test_top_down_fills_from_the_top_layer() -> None:
 def test_random_is_deterministic_by_seed() -> None:
     clients = _tiers()
     assert assign(clients, "random", seed=7) == assign(clients, "random", seed=7)
+
+
+def test_fedra_takes_whole_layers_in_an_order_redrawn_each_round() -> None:
+    from fedpilot.core.memory import HEAD_LAYER, MemoryModel, ModuleCost, WorkerProfile
+    from fedpilot.core.strategies import Client, assign
+
+    modules = [ModuleCost("head", HEAD_LAYER, 5)] + [
+        ModuleCost(f"l{layer}.{t}", layer, 5) for layer in range(1, 7) for t in ("q", "v")
+    ]
+    memory = MemoryModel(100, (1,) * 6, tuple(modules))
+    budget = memory.cost(["head", "l5.q", "l5.v", "l6.q", "l6.v"])
+    client = Client("c", WorkerProfile(memory, budget))
+
+    draws = {assign([client], "fedra", seed=s)[0].modules for s in range(20)}
+
+    for chosen in draws:
+        assert "head" in chosen and memory.cost(chosen) <= budget
+        layers = {n.split(".")[0] for n in chosen if n != "head"}
+        for layer in layers:  # a layer goes in whole
+            assert {f"{layer}.q", f"{layer}.v"} <= set(chosen)
+    assert len(draws) > 1
