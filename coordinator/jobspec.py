@@ -53,9 +53,21 @@ class DwaSpec(BaseModel):
     eta: Annotated[float, Field(gt=0, le=10, description="Server step.")] = 1.0
     gamma: Annotated[float, Field(ge=0, le=10, description="Boost of under-updated modules.")] = 0.5
     eta_max: Annotated[float, Field(ge=1, le=100, description="Cap of the boost.")] = 2.0
+    convex: Annotated[
+        bool, Field(description="Cap the step at 1: stay between the old value and the average.")
+    ] = False
+    coverage: Annotated[
+        bool, Field(description="Scale the step by the share of the round's samples that trained")
+    ] = False
 
     def config(self) -> DwaConfig:
-        return DwaConfig(eta=self.eta, gamma=self.gamma, eta_max=self.eta_max)
+        return DwaConfig(
+            eta=self.eta,
+            gamma=self.gamma,
+            eta_max=self.eta_max,
+            convex=self.convex,
+            coverage=self.coverage,
+        )
 
 
 class AggregationSpec(BaseModel):

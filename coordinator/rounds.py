@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 import time
 import uuid
@@ -33,10 +32,15 @@ from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.settings import CoordinatorSettings
 from fedpilot.coordinator.signals import Signals
 from fedpilot.core.aggregation import Aggregator, ClientUpdate, UpdateError, flatten, unflatten
-from fedpilot.core.ig_score import combine, global_scores
 from fedpilot.core.initial import initial_adapter
 from fedpilot.core.memory import WorkerProfile, memory_from_json
-from fedpilot.core.strategies import Client, assign
+from fedpilot.core.round_plan import (
+    Participant,
+    fixed_order,
+    latest_scores,
+    plan_assignments,
+    sample_participants,
+)
 from fedpilot.wire.payload import EncodedPayload, decode_tensors
 
 log = logging.getLogger(__name__)
@@ -125,8 +129,9 @@ class RoundDriver:
             return None
         want = spec.participants or math.ceil(spec.participation_fraction * len(alive))
         want = min(len(alive), max(want, spec.min_workers))
-        rng = random.Random(spec.seed * 1_000_003 + number)
-        return sorted(rng.sample(alive, want), key=lambda w: w.id)
+        # Drawn from workers in name order (ids break ties), as the simulator draws clients.
+        ordered = sorted(alive, key=lambda w: (w.name, w.id))
+        return sample_participants(ordered, want, spec.seed, number)
 
     def _waiting(self, job: Job, spec: JobSpec) -> None:
         number = job.current_round + 1
@@ -214,21 +219,28 @@ class RoundDriver:
         version = self.store.latest_version(job.id)
         assert version is not None
         stats = self.store.module_stats(job.id)
-        previous = {u.worker_id: u.local_scores for u in self.store.updates(job.id, number - 1)}
+        # Each worker's latest reported local scores, also from before a round it skipped.
+        previous = latest_scores(
+            {u.worker_id: u.local_scores for u in self.store.updates(job.id, r)}
+            for r in range(1, number)
+        )
         clients, refused = [], []
         for wid in participant_ids:
             p = profiles[wid]
             if p.tensors != shapes:
                 refused.append((wid, "profiled adapter tensors differ from the global adapter"))
                 continue
-            memory = memory_from_json(p.memory)
-            names = memory.module_names
-            scores = combine(
-                previous.get(wid, {}), global_scores(stats, names), spec.ig_lambda, names
-            )
-            clients.append(Client(wid, WorkerProfile(memory, p.budget_bytes), scores))
+            profile = WorkerProfile(memory_from_json(p.memory), p.budget_bytes)
+            clients.append(Participant(wid, profile, previous.get(wid, {})))
         solve_start = time.perf_counter()
-        assignments = assign(clients, spec.strategy, seed=spec.seed + number)
+        assignments = plan_assignments(
+            clients,
+            stats,
+            strategy=spec.strategy,
+            ig_lambda=spec.ig_lambda,
+            seed=spec.seed,
+            number=number,
+        )
         solve_seconds = time.perf_counter() - solve_start
         metrics.ASSIGN_SECONDS.observe(solve_seconds)
         self._assign_seconds[(job.id, number)] = solve_seconds
@@ -350,7 +362,12 @@ class RoundDriver:
             dwa=agg.dwa.config(),
             ema_decay=agg.ema_decay,
         )
-        updates = self.store.updates(job.id, number)
+        # A fixed order (worker name, then id), not arrival: same round, same bits.
+        names = {w.id: w.name for w in self.store.workers()}
+        updates = fixed_order(
+            self.store.updates(job.id, number),
+            key=lambda u: (names.get(u.worker_id, ""), u.worker_id),
+        )
         used, bytes_in, weighted = [], 0, {"before": 0.0, "after": 0.0, "n": 0}
         for u in updates:
             try:
