@@ -108,7 +108,14 @@ class JobSpec(BaseModel):
         ),
     ] = ""
     lora: LoraSpec = LoraSpec()
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Annotated[
+        Literal["float32", "float16", "bfloat16"],
+        Field(description="Compute dtype of the frozen base (float32 where a device lacks it)."),
+    ] = "float32"
+    payload_dtype: Annotated[
+        Literal["float32", "float16", "bfloat16"],
+        Field(description="dtype of uploaded updates; the coordinator aggregates in float32."),
+    ] = "float32"
     rounds: Annotated[int, Field(ge=1, le=10_000)] = 5
     min_workers: Annotated[int, Field(ge=1, le=MAX_PARTICIPANTS)] = 1
     participants: Annotated[

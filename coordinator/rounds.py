@@ -41,7 +41,7 @@ from fedpilot.core.round_plan import (
     plan_assignments,
     sample_participants,
 )
-from fedpilot.wire.payload import EncodedPayload, decode_tensors
+from fedpilot.wire.payload import EncodedPayload, decode_tensors, widen
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class RoundDriver:
         used, bytes_in, weighted = [], 0, {"before": 0.0, "after": 0.0, "n": 0}
         for u in updates:
             try:
-                modules = unflatten(decode_tensors(self.blobs.read(u.sha256)))
+                modules = unflatten(widen(decode_tensors(self.blobs.read(u.sha256))))
                 aggregator.add(ClientUpdate(u.worker_id, u.num_samples, modules))
             except (UpdateError, ValueError) as e:
                 self.store.record_rejection(

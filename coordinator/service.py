@@ -44,7 +44,13 @@ from fedpilot.v1 import (
     transfer_pb2,
 )
 from fedpilot.wire import MAX_CHUNK_BYTES, PayloadReceiver, WireError, rich_status
-from fedpilot.wire.payload import Buffer, decode_tensors, dtype_name, tensor_specs
+from fedpilot.wire.payload import (
+    Buffer,
+    decode_tensors,
+    dtype_name,
+    tensor_specs,
+    wire_dtype,
+)
 from fedpilot.wire.serde import memory_from_proto
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,7 @@ def job_config(spec: JobSpec) -> coordinator_pb2.JobConfig:
         seed=spec.seed,
         dataset=spec.dataset,
         label_names=spec.labels,
+        payload_dtype=spec.payload_dtype,
     )
 
 
@@ -624,6 +631,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 f"assigned tensors missing from the upload: {missing[:5]}",
                 "manifest.tensors",
             )
+        job = self.store.job(task.job_id)
+        payload = JobSpec.model_validate(job.spec).payload_dtype if job else "float32"
+        wanted = wire_dtype(payload)
         for name, spec in declared.items():
             if list(spec.shape) != list(expected[name]):
                 raise _error(
@@ -632,10 +642,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     f"{list(expected[name])}",
                     name,
                 )
-            if spec.dtype != transfer_pb2.DTYPE_F32:
+            if spec.dtype != wanted:
                 raise _error(
                     errors_pb2.ERROR_REASON_DTYPE_MISMATCH,
-                    f"{name!r} must be float32, got {dtype_name(spec.dtype)}",
+                    f"{name!r} must be {dtype_name(wanted)} (the job's payload_dtype), "
+                    f"got {dtype_name(spec.dtype)}",
                     name,
                 )
 

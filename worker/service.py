@@ -24,7 +24,7 @@ from fedpilot.core.aggregation import flatten, unflatten
 from fedpilot.tls import channel_credentials
 from fedpilot.v1 import coordinator_pb2, errors_pb2, profile_pb2, transfer_pb2
 from fedpilot.wire import WireError, error_detail_from_rpc_error
-from fedpilot.wire.payload import tensor_specs
+from fedpilot.wire.payload import WIRE_DTYPES, tensor_specs
 from fedpilot.wire.serde import memory_to_proto
 from fedpilot.worker import metrics
 from fedpilot.worker.client import CoordinatorClient
@@ -434,7 +434,17 @@ class WorkerService:
             measured_peak_bytes=result.peak_bytes,
             train_seconds=result.seconds,
         )
-        update = flatten(get_module_state(model, list(task.modules)))
+        dtype = WIRE_DTYPES.get(config.payload_dtype or "float32")
+        if dtype is None:
+            raise WireError(
+                errors_pb2.ERROR_REASON_MALFORMED,
+                f"unknown payload dtype {config.payload_dtype!r}",
+                "config.payload_dtype",
+            )
+        update = {
+            k: v.astype(dtype, copy=False)
+            for k, v in flatten(get_module_state(model, list(task.modules))).items()
+        }
         try:
             reply = self.call(lambda: self.client.upload_update(manifest, update))
             metrics.UPLOAD_BYTES.inc(sum(t.nbytes for t in update.values()))

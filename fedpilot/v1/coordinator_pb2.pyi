@@ -118,7 +118,7 @@ class PollTaskRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("model", "task", "num_labels", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "batch_size", "max_seq_len", "dtype", "learning_rate", "weight_decay", "local_steps", "local_epochs", "ig_probe_batches", "seed", "dataset", "label_names")
+    __slots__ = ("model", "task", "num_labels", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "batch_size", "max_seq_len", "dtype", "learning_rate", "weight_decay", "local_steps", "local_epochs", "ig_probe_batches", "seed", "dataset", "label_names", "payload_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class JobConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: str
     num_labels: int
@@ -155,7 +156,8 @@ class JobConfig(_message.Message):
     seed: int
     dataset: str
     label_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[str] = ..., num_labels: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., ig_probe_batches: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    payload_dtype: str
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[str] = ..., num_labels: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., ig_probe_batches: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., payload_dtype: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "job_id", "round", "kind", "config", "modules", "adapter_version", "predicted_peak_bytes", "deadline_unix_ms")

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from itertools import pairwise
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from fedpilot.v1 import errors_pb2, transfer_pb2
@@ -30,11 +31,32 @@ MAX_CHUNK_BYTES = 1 << 20
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
 
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+"""numpy has no bfloat16; ``ml_dtypes`` adds it (what JAX and TensorFlow use)."""
+
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": BFLOAT16,
+}
+"""The payload dtypes by name (a job's ``payload_dtype``)."""
+
 _DTYPES = {
     np.dtype(np.float32): transfer_pb2.DTYPE_F32,
     np.dtype(np.float16): transfer_pb2.DTYPE_F16,
+    BFLOAT16: transfer_pb2.DTYPE_BF16,
 }
 _NUMPY = {v: k for k, v in _DTYPES.items()}
+
+
+def wire_dtype(name: str) -> int:
+    """The manifest's dtype enum of a payload dtype name (``float32``, ...)."""
+    return _DTYPES[WIRE_DTYPES[name]]
+
+
+def widen(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float16/bfloat16 tensors as float32 (aggregation accumulates in float32 or wider)."""
+    return {k: x if x.dtype == np.float32 else x.astype(np.float32) for k, x in tensors.items()}
 
 
 def dtype_name(value: int) -> str:
@@ -46,13 +68,14 @@ def dtype_name(value: int) -> str:
 
 
 def tensor_specs(tensors: Mapping[str, np.ndarray]) -> list[transfer_pb2.TensorSpec]:
-    """Manifest entries for ``tensors`` (float32/float16 only), sorted by name."""
+    """Manifest entries for ``tensors`` (float32, float16 or bfloat16), sorted by name."""
     specs = []
     for name in sorted(tensors):
         x = tensors[name]
         if x.dtype not in _DTYPES:
             raise ValueError(
-                f"tensor {name!r}: dtype {x.dtype} is not sent on the wire (float32 or float16)"
+                f"tensor {name!r}: dtype {x.dtype} is not sent on the wire "
+                "(float32, float16 or bfloat16)"
             )
         specs.append(
             transfer_pb2.TensorSpec(name=name, shape=list(x.shape), dtype=_DTYPES[x.dtype])
@@ -60,7 +83,7 @@ def tensor_specs(tensors: Mapping[str, np.ndarray]) -> list[transfer_pb2.TensorS
     return specs
 
 
-_SAFETENSORS_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+_SAFETENSORS_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", BFLOAT16: "BF16"}
 
 
 class EncodedPayload:
@@ -137,7 +160,7 @@ class EncodedPayload:
 def encode_tensors(
     tensors: Mapping[str, np.ndarray],
 ) -> tuple[bytearray, transfer_pb2.PayloadManifest]:
-    """Serialise ``tensors`` (float32/float16) as safetensors and describe them in a manifest."""
+    """Serialise ``tensors`` (float32/float16/bfloat16) as safetensors, with a manifest."""
     payload = EncodedPayload(tensors)
     return payload.to_bytes(), payload.manifest
 
@@ -149,7 +172,11 @@ def iter_chunks(data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[byt
         yield bytes(view[start : start + chunk_bytes])
 
 
-_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": BFLOAT16,  # one byte order only: little-endian, as safetensors stores it
+}
 _MAX_HEADER_BYTES = 16 << 20
 _MAX_DIM = 1 << 40
 

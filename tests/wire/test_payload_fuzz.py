@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from fedpilot.v1 import transfer_pb2
 from fedpilot.wire import PayloadReceiver, WireError, decode_tensors, encode_tensors
+from fedpilot.wire.payload import BFLOAT16
 
 VALID, MANIFEST = encode_tensors(
     {
@@ -26,7 +27,7 @@ def test_random_bytes_never_escape_as_anything_but_wire_error(data: bytes) -> No
     except WireError:
         return
     for x in tensors.values():
-        assert x.dtype in (np.float32, np.float16)
+        assert x.dtype in (np.float32, np.float16, BFLOAT16)
 
 
 @given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=8))
