@@ -1,31 +1,46 @@
 # syntax=docker/dockerfile:1
-# A CUDA worker: the CUDA 12.8 build of torch 2.13.0 on an nvidia/cuda runtime
-# base (Ubuntu 24.04, Python 3.12). The budget is the GPU's free memory minus
-# --safety-margin, optionally lowered with --memory-budget.
+# A CUDA worker: the CUDA 12.8 build of torch 2.13.0 on plain Debian. The
+# torch wheels bring the CUDA user-space libraries they need (cuBLAS, cuDNN,
+# NCCL, ... as nvidia-* wheels), so the base is not a CUDA image: that would
+# ship a second copy of them. The NVIDIA container toolkit mounts the
+# driver (libcuda) at run time, as NVIDIA_VISIBLE_DEVICES and
+# NVIDIA_DRIVER_CAPABILITIES below ask it to. The budget is the GPU's free
+# memory minus --safety-margin, optionally lowered with --memory-budget.
 #
 # Build from the repository root:
 #   docker build -f deploy/images/worker-cuda.Dockerfile -t fedpilot/worker-cuda:0.1.0 .
 # Run on a host with the NVIDIA container toolkit:
 #   docker run --gpus 1 fedpilot/worker-cuda:0.1.0 fedpilot worker --coordinator HOST:50051 \
-#       --data /data/train.csv --device cuda:0 --safety-margin 1GiB --metrics-port 9100
+#       --data /usr/share/fedpilot/banking77/train.csv --device cuda:0 --safety-margin 1GiB \
+#       --metrics-port 9100
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-20250520-slim
 
 # ---- builder ----
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS builder
+FROM ${BASE_IMAGE} AS builder
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-# Ubuntu's python3.12 follows the distribution's security updates; apt
-# versions are not pinned (they are replaced in the archive by every update).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-RUN python3.12 -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install pip==25.1.1
-RUN /opt/venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
-COPY pyproject.toml README.md ./
+# torch first, from the CUDA index; it pulls the nvidia-* library wheels
+RUN /opt/venv/bin/pip install torch==2.13.0 --index-url "${TORCH_INDEX_URL}" \
+    && /opt/venv/bin/python -c "import torch; assert torch.version.cuda, torch.__version__"
+# The dependencies alone first: this layer is reused until pyproject.toml
+# changes, so a code change rebuilds only the project's own layer.
+COPY pyproject.toml ./
+RUN /opt/venv/bin/python -c "import tomllib, sys; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; sys.stdout.write('\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" > /tmp/requirements.txt \
+    && /opt/venv/bin/pip install -r /tmp/requirements.txt
+COPY README.md ./
 COPY fedpilot/ fedpilot/
 COPY coordinator/ coordinator/
 COPY worker/ worker/
@@ -35,19 +50,23 @@ RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/python -c "import torch; assert torch.version.cuda, torch.__version__"
 
 # ---- runtime ----
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS runtime
+FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="fedpilot-worker-cuda" \
       org.opencontainers.image.description="Fed-piLot worker, CUDA 12.8 build of torch" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 \
+    && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 fedpilot \
     && useradd --system --uid 10001 --gid fedpilot --home-dir /home/fedpilot --create-home \
        --shell /usr/sbin/nologin fedpilot
 COPY --from=builder /opt/venv /opt/venv
+RUN mkdir -p /usr/share/fedpilot \
+    && ln -s "$(/opt/venv/bin/python -c 'import fedpilot.datasets as d; print(d.BUNDLED_BANKING77)')" \
+       /usr/share/fedpilot/banking77 \
+    && test -s /usr/share/fedpilot/banking77/train.csv
 # TOKENIZERS_PARALLELISM is a tokenizers switch, not a credential (DL3064 matches "TOKEN").
 # hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \

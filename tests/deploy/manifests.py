@@ -26,7 +26,20 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PROMETHEUS_FILE = REPO / "deploy" / "prometheus" / "prometheus.yml"
 K8S = REPO / "deploy" / "k8s"
-K8S_TARGETS = ("base", "overlays/mixed-gpu", "overlays/managed-db", "overlays/monitoring")
+K8S_TARGETS = (
+    "base",
+    "overlays/mixed-gpu",
+    "overlays/managed-db",
+    "overlays/monitoring",
+    "overlays/external-workers",
+)
+SECRETS = {
+    "fedpilot-secrets": {"api-token", "enrollment-secret", "postgres-password", "database-url"},
+    "fedpilot-tls": {"ca.pem", "server.pem", "server-key.pem"},
+    "fedpilot-tls-ca": {"ca.pem"},
+}
+"""The Secrets the manifests read, none of them applied by kustomize: the first is
+created by the operator (deploy/README.md), the TLS ones by the certificate Job."""
 DOCKERFILES = sorted((REPO / "deploy" / "images").glob("*.Dockerfile"))
 K8S_VERSION = "1.32.0"
 """Oldest Kubernetes the manifests are validated against (StatefulSet ordinals are GA in 1.31)."""
@@ -82,6 +95,19 @@ def compose_schema() -> dict[str, Any]:
 def service_argv(service: Mapping[str, Any]) -> list[str]:
     command = service.get("command", [])
     return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def shell_commands(argv: list[str]) -> list[list[str]]:
+    """The simple commands of an ``sh -c SCRIPT`` argv (split at ``&&``, ``||``, ``;``)."""
+    if argv[:2] != ["sh", "-c"] or len(argv) != 3:
+        return []
+    commands: list[list[str]] = [[]]
+    for word in shlex.split(argv[2]):
+        if word in ("&&", "||", ";"):
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [c for c in commands if c]
 
 
 def service_env(service: Mapping[str, Any]) -> dict[str, str]:
@@ -222,8 +248,10 @@ class Stage:
 
 
 def parse_dockerfile(path: Path) -> list[Stage]:
-    """Stages of a Dockerfile: comments dropped, continuation lines joined."""
+    """Stages of a Dockerfile: comments dropped, continuation lines joined, and
+    ``FROM ${ARG}`` resolved with the defaults of the ARGs before the first FROM."""
     stages: list[Stage] = []
+    global_args: dict[str, str] = {}
     pending, start = "", 0
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.strip()
@@ -240,8 +268,13 @@ def parse_dockerfile(path: Path) -> list[Stage]:
         pending = ""
         keyword, _, args = text.partition(" ")
         instruction = Instruction(keyword.upper(), args.strip(), start)
+        if instruction.keyword == "ARG" and not stages:
+            name, _, default = instruction.args.partition("=")
+            global_args[name.strip()] = default.strip()
         if instruction.keyword == "FROM":
-            words = instruction.args.split()
+            words = _INTERP.sub(
+                lambda m: global_args.get(m.group("name") or "", m.group(0)), instruction.args
+            ).split()
             words = [w for w in words if not w.startswith("--platform")]
             name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
             stages.append(Stage(words[0], name))

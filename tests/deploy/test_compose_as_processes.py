@@ -4,8 +4,11 @@ The same ``fedpilot`` command lines and environment as the compose services,
 with only what a container engine would provide replaced:
 
 - service hostnames -> 127.0.0.1, and each listening port -> a free port;
-- volumes (the coordinator's named volume, the workers' shared data file) ->
-  temporary paths; the data file is a small synthetic CSV;
+- volumes (named volumes, the workers' data folder) -> temporary directories;
+  the data is a small synthetic CSV, given the way an operator gives their
+  own (``FEDPILOT_DATA_DIR``, ``FEDPILOT_TRAIN_CSV``);
+- the one-shot ``certs`` service's script runs first, with the same paths
+  remapped, so the coordinator serves TLS and the workers verify it;
 - the ``postgres`` service -> a fresh database on the machine's PostgreSQL;
 - ``--threads 1`` (two cores are shared by everything here).
 
@@ -17,7 +20,9 @@ and the compose health check are exercised on the way.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,6 +44,7 @@ from tests.deploy.manifests import (
     option,
     service_argv,
     service_env,
+    shell_commands,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,10 +64,9 @@ def free_port() -> int:
 class ComposeAsProcesses:
     """Maps compose services onto local processes."""
 
-    def __init__(self, compose: dict[str, Any], work: Path, train_csv: Path, db_url: str) -> None:
+    def __init__(self, compose: dict[str, Any], work: Path, db_url: str) -> None:
         self.compose = compose
         self.work = work
-        self.train_csv = train_csv
         self.db_url = db_url
         self.services = {
             name: svc
@@ -75,18 +80,20 @@ class ComposeAsProcesses:
                 if (value := option(argv, flag)) is not None:
                     self.ports[(name, int(value))] = free_port()
         self.mounts: dict[str, dict[str, Path]] = {}
-        for name, svc in self.services.items():
+        for name, svc in compose["services"].items():
             self.mounts[name] = {}
             for mount in svc.get("volumes", []):
                 source, target = mount.split(":")[:2]
                 if source in compose.get("volumes", {}):  # named volume: a directory
                     path = work / "volumes" / source
                     path.mkdir(parents=True, exist_ok=True)
-                else:  # the shared training file
-                    assert target.endswith(".csv"), f"{name}: unexpected bind mount {mount}"
-                    path = train_csv
+                else:  # a bind mount: relative to the compose file
+                    path = (REPO / source).resolve()
+                    assert path.exists(), f"{name}: bind source {source} missing"
                 self.mounts[name][target] = path
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.extra_env: dict[str, dict[str, str]] = {}
+        """Set by the test beside the compose environment (e.g. where the tiny model is)."""
 
     def port(self, service: str, container_port: int) -> int:
         return self.ports[(service, container_port)]
@@ -114,6 +121,25 @@ class ComposeAsProcesses:
             out += ["--threads", "1"]
         return out
 
+    def remap_paths(self, name: str, text: str) -> str:
+        """Container paths under ``name``'s mounts -> the local directories (longest first)."""
+        for target in sorted(self.mounts[name], key=len, reverse=True):
+            pattern = rf"(?<![\w/-]){re.escape(target)}(?=/|\s|'|\"|$)"
+            text = re.sub(pattern, str(self.mounts[name][target]), text)
+        return text
+
+    def issue_certificates(self) -> None:
+        """The ``certs`` service: its shell script, run here with its paths remapped."""
+        script = service_argv(self.compose["services"]["certs"])
+        commands = shell_commands(script)
+        assert any(c[:2] == ["fedpilot", "certs"] for c in commands), script
+        local = self.remap_paths("certs", script[2]).replace(
+            "fedpilot certs", f"{Path(sys.executable).parent / 'fedpilot'} certs"
+        )
+        for _ in range(2):  # a second run keeps what the first one issued
+            done = subprocess.run(["sh", "-c", local], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stdout + done.stderr
+
     def env(self, name: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPILOT_")}
         for key, value in service_env(self.services[name]).items():
@@ -121,7 +147,10 @@ class ComposeAsProcesses:
                 host = value.split("@", 1)[1].split(":")[0].split("/")[0]
                 assert self.compose["services"][host]["image"].startswith("postgres:")
                 value = self.db_url
+            else:
+                value = self.remap_paths(name, value)
             env[key] = value
+        env.update(self.extra_env.get(name, {}))
         env.update(
             PYTHONUNBUFFERED="1",
             HF_HUB_OFFLINE="1",
@@ -167,14 +196,14 @@ class ComposeAsProcesses:
 
 
 def healthcheck(compose: ComposeAsProcesses, name: str) -> list[str]:
-    """The service's compose health check, pointed at the remapped port."""
+    """The service's compose health check, pointed at the remapped port and paths."""
     test = list(compose.services[name]["healthcheck"]["test"])
-    assert test[0] == "CMD" and test[1] == "python", test
-    argv = [sys.executable, *test[2:]]
+    assert test[0] == "CMD-SHELL" and test[1].startswith("python -c "), test
+    script = compose.remap_paths(name, test[1]).replace("python -c ", f"{sys.executable} -c ", 1)
     for (service, container_port), port in compose.ports.items():
         if service == name:
-            argv = [a.replace(f"127.0.0.1:{container_port}/", f"127.0.0.1:{port}/") for a in argv]
-    return argv
+            script = script.replace(f"127.0.0.1:{container_port}/", f"127.0.0.1:{port}/")
+    return ["sh", "-c", script]
 
 
 @pytest.fixture
@@ -184,10 +213,12 @@ def cluster(
     from fedpilot.worker.data import synthetic_dataset
 
     data = synthetic_dataset(240, LABELS, seed=0)
-    train_csv = write_csv(
-        tmp_path / "train.csv", data.texts, [data.label_names[y] for y in data.labels]
+    (tmp_path / "site").mkdir()
+    write_csv(
+        tmp_path / "site" / "train.csv", data.texts, [data.label_names[y] for y in data.labels]
     )
-    processes = ComposeAsProcesses(load_compose(), tmp_path, train_csv, pg_url)
+    site = {"FEDPILOT_DATA_DIR": str(tmp_path / "site"), "FEDPILOT_TRAIN_CSV": "/data/train.csv"}
+    processes = ComposeAsProcesses(load_compose(site), tmp_path, pg_url)
     try:
         yield processes, tiny_dir
     finally:
@@ -213,6 +244,12 @@ def test_compose_services_run_a_job(cluster: tuple[ComposeAsProcesses, Path]) ->
     workers = [n for n, s in compose.services.items() if service_argv(s)[1] == "worker"]
     assert len(workers) == 3
 
+    compose.issue_certificates()
+    ca = compose.mounts[coordinator]["/tls"] / "ca.pem"
+    assert not (compose.mounts[coordinator]["/tls"] / "ca-key.pem").exists()
+    # the tiny model stands in for the bundled one: the coordinator may read it
+    roots = [str(tiny_dir), str(compose.mounts[coordinator]["/data"])]
+    compose.extra_env[coordinator] = {"FEDPILOT_DATA_ROOTS": json.dumps(roots)}
     compose.start(coordinator)
     check = healthcheck(compose, coordinator)
     wait_until(
@@ -226,11 +263,16 @@ def test_compose_services_run_a_job(cluster: tuple[ComposeAsProcesses, Path]) ->
 
     coordinator_argv = service_argv(compose.services[coordinator])
     http_port = int(option(coordinator_argv, "--http-port") or 0)
-    api = f"http://127.0.0.1:{compose.port(coordinator, http_port)}"
+    api = f"https://127.0.0.1:{compose.port(coordinator, http_port)}"
     token = service_env(compose.services[coordinator])["FEDPILOT_API_TOKEN"]
-    with pytest.raises(ApiError) as refused, ApiClient(api, "not-the-token") as client:
+    with pytest.raises(ApiError) as refused, ApiClient(api, "not-the-token", ca=str(ca)) as client:
         client.jobs()
     assert refused.value.status in (401, 403)
+    # plaintext is not served, and a client without the CA does not trust it
+    with pytest.raises(ApiError), ApiClient(api.replace("https", "http"), token) as client:
+        client.jobs()
+    with pytest.raises(ApiError), ApiClient(api, token) as client:
+        client.jobs()
 
     spec = yaml.safe_load((REPO / "examples" / "job.yaml").read_text())
     spec.update(
@@ -249,6 +291,7 @@ def test_compose_services_run_a_job(cluster: tuple[ComposeAsProcesses, Path]) ->
     job_file.write_text(yaml.safe_dump(spec))
     submit_env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPILOT_")}
     submit_env["FEDPILOT_API_TOKEN"] = token
+    submit_env["FEDPILOT_API_CA"] = str(ca)
     submitted = subprocess.run(
         [sys.executable, "-m", "fedpilot.cli", "submit", str(job_file), "--api", api],
         capture_output=True,
@@ -260,7 +303,7 @@ def test_compose_services_run_a_job(cluster: tuple[ComposeAsProcesses, Path]) ->
     job_id = submitted.stdout.strip().splitlines()[-1]
 
     state: dict[str, Any] = {}
-    with ApiClient(api, token) as client:
+    with ApiClient(api, token, ca=str(ca)) as client:
 
         def finished() -> bool:
             state.update(client.job(job_id))
@@ -283,6 +326,8 @@ def test_compose_services_run_a_job(cluster: tuple[ComposeAsProcesses, Path]) ->
     assert yaml.safe_load(status.stdout)["state"] == "done"
 
     # What Prometheus would scrape (deploy/prometheus/prometheus.yml), remapped.
+    import ssl
+
     config = yaml.safe_load(PROMETHEUS_FILE.read_text())
     scraped = 0
     for job in config["scrape_configs"]:
@@ -291,8 +336,16 @@ def test_compose_services_run_a_job(cluster: tuple[ComposeAsProcesses, Path]) ->
                 host, port = target.split(":")
                 if host not in compose.services:
                     continue  # a profile that is not running (worker-gpu)
-                url = f"http://127.0.0.1:{compose.port(host, int(port))}{job['metrics_path']}"
-                response = httpx.get(url, timeout=10)
+                scheme = job.get("scheme", "http")
+                url = f"{scheme}://127.0.0.1:{compose.port(host, int(port))}{job['metrics_path']}"
+                verify: ssl.SSLContext | bool = True
+                if "tls_config" in job:
+                    cafile = compose.remap_paths("prometheus", job["tls_config"]["ca_file"])
+                    verify = ssl.create_default_context(cafile=cafile)
+                headers = {}
+                if "authorization" in job:  # the token file holds the compose token
+                    headers["Authorization"] = f"Bearer {token}"
+                response = httpx.get(url, timeout=10, verify=verify, headers=headers)
                 assert response.status_code == 200, url
                 assert "# TYPE" in response.text, url
                 scraped += 1

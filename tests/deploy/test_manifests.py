@@ -38,6 +38,7 @@ from tests.deploy.manifests import (
     K8S_VERSION,
     PROMETHEUS_FILE,
     REPO,
+    SECRETS,
     compose_schema,
     containers,
     dockerignore_excludes,
@@ -51,7 +52,6 @@ from tests.deploy.manifests import (
     parse_dockerfile,
     pod_spec,
     render,
-    secrets_of,
     service_argv,
     service_env,
 )
@@ -127,9 +127,15 @@ def test_postgres_coordinator_and_workers(compose: dict[str, Any]) -> None:
     assert db.port == 5432 and db.path == "/" + postgres["environment"]["POSTGRES_DB"]
     assert db.password == postgres["environment"]["POSTGRES_PASSWORD"]
     assert env["FEDPILOT_API_TOKEN"] and env["FEDPILOT_ENROLLMENT_SECRET"]
-    assert "/readyz" in " ".join(coordinator["healthcheck"]["test"])
     data_volume = next(v for v in coordinator["volumes"] if v.split(":")[1] == "/data")
     assert data_volume.split(":")[0] in compose["volumes"]
+
+    # TLS by default: the coordinator's certificate from the certs volume
+    assert env["FEDPILOT_TLS_CERT"] == "/tls/server.pem"
+    assert env["FEDPILOT_TLS_KEY"] == "/tls/server-key.pem"
+    assert "tls:/tls:ro" in coordinator["volumes"]
+    assert coordinator["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert "https://127.0.0.1:8080/readyz" in " ".join(coordinator["healthcheck"]["test"])
 
     workers = default_workers(compose)
     assert len(workers) == 3
@@ -145,13 +151,49 @@ def test_postgres_coordinator_and_workers(compose: dict[str, Any]) -> None:
         )
         budgets.add(option(w, "--memory-budget"))
         parts.add(option(w, "--partition"))
-        (mount,) = worker["volumes"]
-        source, target, mode = mount.rsplit(":", 2)
-        assert mode == "ro" and option(w, "--data") == target, worker_name
-        sources.add(source)
+        worker_env = service_env(worker)
+        assert worker_env["FEDPILOT_TLS_CA"] == "/tls-ca/ca.pem", worker_name
+        mounts = {m.split(":")[1]: m for m in worker["volumes"]}
+        assert mounts["/tls-ca"] == "tls-ca:/tls-ca:ro", "workers get the CA, not the server key"
+        assert all(not m.startswith("tls:") for m in worker["volumes"]), worker_name
+        source, target, mode = mounts["/data"].rsplit(":", 2)
+        assert mode == "ro" and target == "/data", worker_name
+        assert (REPO / source).is_dir(), f"{worker_name}: {source} missing on a fresh clone"
+        sources.add(option(w, "--data"))
+        # no bind of anything outside the repository
+        assert all(not m.startswith("..") for m in worker["volumes"]), worker_name
     assert len(budgets) == 3 and None not in budgets, budgets
     assert parts == {"0/3", "1/3", "2/3"}
-    assert len(sources) == 1, "the workers must share one data file"
+    # by default the workers share the BANKING77 copy shipped in the worker image
+    assert sources == {SHIPPED_TRAIN_CSV}, sources
+    # FEDPILOT_DATA_DIR / FEDPILOT_TRAIN_CSV point them at an operator's file instead
+    site = load_compose({"FEDPILOT_DATA_DIR": "/srv/site", "FEDPILOT_TRAIN_CSV": "/data/x.csv"})
+    for worker_name in workers:
+        worker = site["services"][worker_name]
+        assert option(service_argv(worker), "--data") == "/data/x.csv"
+        assert "/srv/site:/data:ro" in worker["volumes"]
+
+
+SHIPPED_TRAIN_CSV = "/usr/share/fedpilot/banking77/train.csv"
+"""Where the worker images link the BANKING77 copy shipped in the package."""
+
+
+def test_the_certs_service_issues_the_coordinator_certificate(compose: dict[str, Any]) -> None:
+    from tests.deploy.manifests import shell_commands
+
+    certs = compose["services"]["certs"]
+    commands = shell_commands(service_argv(certs))
+    (issue,) = [c for c in commands if c[:2] == ["fedpilot", "certs"]]
+    hosts = {issue[i + 1] for i, a in enumerate(issue) if a == "--host"}
+    # the name workers dial, and the loopback names of the health check and published port
+    assert {"coordinator", "localhost", "127.0.0.1"} <= hosts
+    assert option(issue, "--out") == "/tls"
+    assert ["rm", "-f", "/tls/ca-key.pem"] in commands, "the CA key must not stay in the volume"
+    assert ["cp", "/tls/ca.pem", "/tls-ca/ca.pem"] in commands
+    assert certs["restart"] == "no"
+    for name, svc in compose["services"].items():
+        if name != "certs" and "tls" in {m.split(":")[0] for m in svc.get("volumes", [])}:
+            assert name == "coordinator", f"{name} mounts the coordinator's key"
 
 
 def test_gpu_profile_reserves_an_nvidia_gpu(compose: dict[str, Any]) -> None:
@@ -204,6 +246,18 @@ def test_prometheus_scrapes_every_metrics_endpoint(compose: dict[str, Any]) -> N
     assert targets == expected
     for job in config["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
+    # the coordinator's /metrics: https with the stack's CA and the API token
+    (coordinator_job,) = [j for j in config["scrape_configs"] if "coordinator" in j["job_name"]]
+    assert coordinator_job["scheme"] == "https"
+    assert any(
+        v.startswith("tls-ca:" + coordinator_job["tls_config"]["ca_file"].rsplit("/", 1)[0])
+        for v in prometheus["volumes"]
+    )
+    (mounted,) = prometheus["configs"]
+    assert mounted["target"] == coordinator_job["authorization"]["credentials_file"]
+    token = compose["configs"][mounted["source"]]["content"]
+    (coordinator,) = cli_services(compose, "coordinator").values()
+    assert token == service_env(coordinator)["FEDPILOT_API_TOKEN"]
 
 
 # ================================================================== Dockerfiles
@@ -239,7 +293,7 @@ def test_dockerfile_structure(dockerfile: Path) -> None:
     healthchecks = final.all("HEALTHCHECK")
     assert len(healthchecks) == 1
     probe = healthchecks[0].args
-    assert "urllib.request" in probe and "http://127.0.0.1:" in probe
+    assert "urllib.request" in probe and "://127.0.0.1:" in probe
     (cmd,) = final.all("CMD")
     argv = exec_form(cmd.args)
     assert argv and argv[0] == "fedpilot", "CMD must be the exec form of a fedpilot command"
@@ -254,22 +308,51 @@ def pip_installs(path: Path) -> list[str]:
     return [i.args for s in parse_dockerfile(path) for i in s.all("RUN") if "pip install" in i.args]
 
 
+def arg_default(path: Path, name: str) -> str:
+    """The default of ``ARG name=...`` (first one) in a Dockerfile."""
+    for stage in parse_dockerfile(path):
+        for instruction in stage.all("ARG"):
+            key, _, default = instruction.args.partition("=")
+            if key.strip() == name:
+                return default.strip()
+    raise AssertionError(f"{path.name}: no ARG {name}")
+
+
 def test_torch_builds() -> None:
     images = {p.name: p for p in DOCKERFILES}
-    cpu = pip_installs(images["worker-cpu.Dockerfile"])
-    torch_at = next(i for i, c in enumerate(cpu) if "torch==2.13.0" in c)
-    project_at = next(i for i, c in enumerate(cpu) if "[worker]" in c)
-    assert torch_at < project_at, "torch must be installed before the project"
-    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu[torch_at]
+    for name, index, cuda in (
+        ("worker-cpu.Dockerfile", "https://download.pytorch.org/whl/cpu", "not torch.version.cuda"),
+        ("worker-cuda.Dockerfile", "https://download.pytorch.org/whl/cu128", "torch.version.cuda"),
+    ):
+        installs = pip_installs(images[name])
+        torch_at = next(i for i, c in enumerate(installs) if "torch==2.13.0" in c)
+        project_at = next(i for i, c in enumerate(installs) if "[worker]" in c)
+        assert torch_at < project_at, f"{name}: torch must be installed before the project"
+        assert '--index-url "${TORCH_INDEX_URL}"' in installs[torch_at], name
+        assert arg_default(images[name], "TORCH_INDEX_URL") == index, name
+        # the build fails if the other build of torch was installed
+        assert f"assert {cuda}" in installs[project_at], name
+    # CUDA libraries come with the torch wheels: the base is not a CUDA image
+    for stage in parse_dockerfile(images["worker-cuda.Dockerfile"]):
+        assert "cuda" not in stage.image, stage.image
+    coordinator = pip_installs(images["coordinator.Dockerfile"])
+    assert not any(re.search(r"pip install [^&]*torch", c) for c in coordinator)
+    assert any("find_spec('torch') is None" in c for c in coordinator), "torch absence unchecked"
 
-    cuda_stages = parse_dockerfile(images["worker-cuda.Dockerfile"])
-    assert all(s.image.startswith("nvidia/cuda:") and "runtime" in s.image for s in cuda_stages)
-    cuda = pip_installs(images["worker-cuda.Dockerfile"])
-    torch_at = next(i for i, c in enumerate(cuda) if "torch==2.13.0" in c)
-    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cu\d+", cuda[torch_at])
-    assert torch_at < next(i for i, c in enumerate(cuda) if "[worker]" in c)
 
-    assert not any("torch" in c for c in pip_installs(images["coordinator.Dockerfile"]))
+def test_images_build_from_a_debian_base_argument() -> None:
+    """BASE_IMAGE: any Debian bookworm (a registry's, or one made with debootstrap)."""
+    base_script = REPO / "deploy" / "images" / "debian-base.sh"
+    assert base_script.stat().st_mode & 0o111, "debian-base.sh must be executable"
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert re.search(r"^ARG BASE_IMAGE=\S*debian:bookworm-\d{8}-slim$", text, re.M), dockerfile
+        assert text.count("FROM ${BASE_IMAGE}") == len(parse_dockerfile(dockerfile))
+        for arg in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
+            assert f"ARG {arg}" in text, f"{dockerfile.name}: {arg} cannot be passed"
+        assert "/opt/" + "wheels" not in text and "file://" not in text, "a build host's path"
+    for name in ("worker-cpu.Dockerfile", "worker-cuda.Dockerfile"):
+        assert SHIPPED_TRAIN_CSV.rsplit("/", 1)[0] in (REPO / "deploy/images" / name).read_text()
 
 
 def hadolint() -> str:
@@ -402,15 +485,20 @@ def test_kubernetes_references_resolve(
     for doc in docs:
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == "fedpilot", doc["metadata"]["name"]
-    secrets = secrets_of(docs)
+    # No Secret is applied (`kubectl apply -k` must not overwrite the operator's);
+    # every reference is to a Secret of the documented contract.
+    assert not by_kind(docs, "Secret"), "a Secret in the applied manifests"
+    secrets = SECRETS
     claims = {c["metadata"]["name"] for c in by_kind(docs, "PersistentVolumeClaim")}
+    config_maps = {c["metadata"]["name"] for c in by_kind(docs, "ConfigMap")}
     workloads = [d for d in docs if pod_spec(d) is not None]
     for doc in workloads:
         spec = pod_spec(doc)
         assert spec is not None
         name = doc["metadata"]["name"]
         template_labels = doc["spec"]["template"]["metadata"]["labels"]
-        assert matches(doc["spec"]["selector"]["matchLabels"], template_labels), name
+        if doc["kind"] != "Job":  # a Job's selector is generated
+            assert matches(doc["spec"]["selector"]["matchLabels"], template_labels), name
         templates = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         assert spec["securityContext"]["runAsNonRoot"] is True, name
@@ -436,6 +524,10 @@ def test_kubernetes_references_resolve(
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             if claim:
                 assert claim in claims, f"{name}: claim {claim}"
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets, f"{name}: {volume}"
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps, f"{name}: {volume}"
         if doc["kind"] == "StatefulSet":
             services = {s["metadata"]["name"] for s in by_kind(docs, "Service")}
             assert doc["spec"]["serviceName"] in services, name
@@ -452,17 +544,14 @@ def test_kubernetes_references_resolve(
                 p["containerPort"] for d in pods for c in containers(d) for p in c.get("ports", [])
             }
             assert target_port in names or target_port in numbers, service["metadata"]["name"]
-    # database-url names a host that exists here (in-cluster) or outside (managed)
-    url = urlsplit(secrets["fedpilot-secrets"]["database-url"])
-    assert url.scheme == "postgresql+psycopg"
+    # the database: in-cluster (behind a NetworkPolicy) or managed (all of it removed)
     in_cluster = {s["metadata"]["name"] for s in by_kind(docs, "Service")}
+    policies = {p["metadata"]["name"] for p in by_kind(docs, "NetworkPolicy")}
     if target == "overlays/managed-db":
-        assert "fedpilot-postgres" not in in_cluster and not by_kind(docs, "StatefulSet")[0][
-            "metadata"
-        ]["name"].startswith("fedpilot-postgres")
-        assert url.hostname not in in_cluster
+        assert "fedpilot-postgres" not in in_cluster | policies
+        assert not any("postgres" in s["metadata"]["name"] for s in by_kind(docs, "StatefulSet"))
     else:
-        assert url.hostname in in_cluster
+        assert "fedpilot-postgres" in in_cluster and "fedpilot-postgres" in policies
         (postgres,) = (
             s for s in by_kind(docs, "StatefulSet") if "postgres" in s["metadata"]["name"]
         )
@@ -491,13 +580,29 @@ def test_coordinator_probes_ports_and_scraping(renders: dict[str, list[dict[str,
     handlers = [
         (k, h, v) for k, p in probes.items() for h, v in p.items() if h in ("httpGet", "grpc")
     ]
-    assert ("livenessProbe", "grpc", {"port": grpc_port}) in handlers
+    # Under TLS: HTTPS probes (the kubelet skips verification), and gRPC health
+    # over TLS from inside the pod (the kubelet's grpc probe is plaintext only).
+    liveness = container["livenessProbe"]["exec"]["command"]
+    assert liveness[:2] == ["python", "-c"]
+    assert f"127.0.0.1:{grpc_port}" in liveness[2] and "/tls/ca.pem" in liveness[2]
+    assert "HealthStub" in liveness[2]
     http_paths = {(k, v["path"]) for k, h, v in handlers if h == "httpGet"}
     assert ("readinessProbe", "/readyz") in http_paths
     assert any(path == "/healthz" for _, path in http_paths)
-    env = {v["name"] for v in container["env"]}
-    assert {"FEDPILOT_DATABASE_URL", "FEDPILOT_API_TOKEN", "FEDPILOT_ENROLLMENT_SECRET"} <= env
+    assert all(v["scheme"] == "HTTPS" for _, h, v in handlers if h == "httpGet")
+    env = {v["name"]: v.get("value") for v in container["env"]}
+    assert {"FEDPILOT_DATABASE_URL", "FEDPILOT_API_TOKEN", "FEDPILOT_ENROLLMENT_SECRET"} <= set(env)
+    assert (env["FEDPILOT_TLS_CERT"], env["FEDPILOT_TLS_KEY"]) == (
+        "/tls/server.pem",
+        "/tls/server-key.pem",
+    )
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (tls,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tls"]
+    assert volumes[tls["name"]]["secret"]["secretName"] == "fedpilot-tls"
+    # readable by the container's group (fsGroup), by nobody else
+    assert volumes[tls["name"]]["secret"]["defaultMode"] == 0o440
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == "https"
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(http_port)
     assert annotations["prometheus.io/path"] == "/metrics"
@@ -540,9 +645,15 @@ def pools(docs: list[dict[str, Any]]) -> list[Pool]:
     return found
 
 
-@pytest.mark.parametrize(
-    "target", ["overlays/mixed-gpu", "overlays/managed-db", "overlays/monitoring"]
-)
+POOL_TARGETS = [
+    "overlays/mixed-gpu",
+    "overlays/managed-db",
+    "overlays/monitoring",
+    "overlays/external-workers",
+]
+
+
+@pytest.mark.parametrize("target", POOL_TARGETS)
 def test_worker_pools_per_gpu_class(renders: dict[str, list[dict[str, Any]]], target: str) -> None:
     found = pools(renders[target])
     assert len(found) == 3, [p.statefulset["metadata"]["name"] for p in found]
@@ -581,6 +692,161 @@ def test_worker_pools_per_gpu_class(renders: dict[str, list[dict[str, Any]]], ta
     assert first == {str(p.ordinals.start) for p in found}
 
 
+# Flags that say how a worker reads and labels its data and reports; they must be
+# the same in Kubernetes as in the compose stack that `make stack-test` runs.
+PROVEN_FLAGS = ("--skip-unknown-labels", "--no-skip-unknown-labels", "--partition-alpha")
+
+
+def proven(argv: list[str]) -> dict[str, str | None]:
+    return {
+        f: option(argv, f) if f.startswith("--partition") else str(f in argv) for f in PROVEN_FLAGS
+    }
+
+
+@pytest.mark.parametrize("target", POOL_TARGETS)
+def test_worker_pools_run_what_the_stack_test_proved(
+    renders: dict[str, list[dict[str, Any]]], target: str
+) -> None:
+    compose = load_compose()
+    (reference,) = {str(proven(service_argv(s))) for s in default_workers(compose).values()}
+    docs = renders[target]
+    pdbs = by_kind(docs, "PodDisruptionBudget")
+    for pool in pools(docs):
+        name = pool.statefulset["metadata"]["name"]
+        assert str(proven(pool.argv)) == reference, name
+        spec = pool.statefulset["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        (worker,) = spec["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+        # data: /data/train.csv in a pod-local volume an init container fills
+        assert option(pool.argv, "--data") == "/data/train.csv", name
+        assert "emptyDir" in volumes[mounts["/data"]], name
+        (init,) = [c for c in spec["initContainers"] if c["name"] == "dataset"]
+        assert {m["mountPath"]: m["name"] for m in init["volumeMounts"]}["/data"] == mounts["/data"]
+        assert init["image"] == worker["image"], "the init container uses the shipped copy"
+        assert {e["name"] for e in init["env"]} >= {"DATASET_URL", "DATASET_SHA256"}
+        # TLS: the CA only
+        assert pool.env["FEDPILOT_TLS_CA"] == "/tls-ca/ca.pem"
+        assert volumes[mounts["/tls-ca"]]["secret"]["secretName"] == "fedpilot-tls-ca"
+        # one PodDisruptionBudget per pool, selecting exactly its pods
+        labels = pool.statefulset["spec"]["template"]["metadata"]["labels"]
+        mine = [p for p in pdbs if matches(p["spec"]["selector"]["matchLabels"], labels)]
+        assert len(mine) == 1 and mine[0]["spec"]["maxUnavailable"] == 1, name
+        assert mine[0]["spec"]["selector"]["matchLabels"]["fedpilot.io/pool"] in name
+
+
+def test_dataset_init_container_fills_data(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The init container's script, run here with /data remapped: the shipped copy by
+    default, a URL when given, and a refused file when its SHA-256 differs."""
+    import hashlib
+    import http.server
+    import os
+    import threading
+
+    from fedpilot.datasets import BUNDLED_BANKING77
+
+    (pool, *_) = pools(renders["overlays/mixed-gpu"])
+    (init,) = pool.statefulset["spec"]["template"]["spec"]["initContainers"]
+    command = [a.replace("/data/", f"{tmp_path}/data/") for a in init["command"]]
+    assert command[:2] == ["python", "-c"]
+    (tmp_path / "data").mkdir()
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *command[1:]],
+            env={**os.environ, "DATASET_URL": "", "DATASET_SHA256": "", **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    shipped = (BUNDLED_BANKING77 / "train.csv").read_bytes()
+    done = run()
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "data" / "train.csv").read_bytes() == shipped
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "mine.csv").write_text("text,label\nhello,a\n")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(site))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/mine.csv"
+        digest = hashlib.sha256(b"text,label\nhello,a\n").hexdigest()
+        done = run(DATASET_URL=url, DATASET_SHA256=digest)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "data" / "train.csv").read_text() == "text,label\nhello,a\n"
+        done = run(DATASET_URL=url, DATASET_SHA256="0" * 64)
+        assert done.returncode != 0 and "sha256" in done.stderr
+        # the earlier file stays; nothing half-written replaces it
+        assert (tmp_path / "data" / "train.csv").read_text() == "text,label\nhello,a\n"
+    finally:
+        server.shutdown()
+
+
+def test_postgres_is_reachable_from_the_coordinator_only(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = renders["overlays/mixed-gpu"]
+    (policy,) = [p for p in by_kind(docs, "NetworkPolicy") if "postgres" in p["metadata"]["name"]]
+    templates = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if pod_spec(d) is not None
+    }
+    guarded = {
+        n
+        for n, labels in templates.items()
+        if matches(policy["spec"]["podSelector"]["matchLabels"], labels)
+    }
+    assert guarded == {"fedpilot-postgres"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    allowed = {
+        n
+        for n, labels in templates.items()
+        if matches(source["podSelector"]["matchLabels"], labels)
+    }
+    assert allowed == {"fedpilot-coordinator"}, allowed
+    assert rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
+
+
+def test_external_workers_reach_grpc_through_tls_passthrough(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = renders["overlays/external-workers"]
+    (lb,) = [s for s in by_kind(docs, "Service") if s["spec"].get("type") == "LoadBalancer"]
+    (port,) = lb["spec"]["ports"]
+    assert port["targetPort"] == "grpc" and "appProtocol" not in port
+    deployment, _ = coordinator_of(docs)
+    assert matches(lb["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    (job,) = by_kind(docs, "Job")
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    hosts = env["COORDINATOR_HOSTS"].split()
+    assert "fedpilot-coordinator" in hosts and "127.0.0.1" in hosts
+    assert any("." in h and not h.startswith("fedpilot-coordinator") for h in hosts), hosts
+
+
+def test_certificate_job_rights_are_narrow(renders: dict[str, list[dict[str, Any]]]) -> None:
+    docs = renders["base"]
+    (job,) = by_kind(docs, "Job")
+    (role,) = by_kind(docs, "Role")
+    spec = job["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "fedpilot-certs"
+    for rule in role["rules"]:
+        assert rule["resources"] == ["secrets"]
+        if set(rule["verbs"]) != {"create"}:
+            assert set(rule["resourceNames"]) == {"fedpilot-tls", "fedpilot-tls-ca"}
+    # no other workload runs with a token for the API
+    for doc in docs:
+        if pod_spec(doc) is not None and doc is not job:
+            assert not pod_spec(doc).get("serviceAccountName"), doc["metadata"]["name"]
+
+
 def test_monitors_select_the_metrics_ports(renders: dict[str, list[dict[str, Any]]]) -> None:
     docs = renders["overlays/monitoring"]
     (service_monitor,) = by_kind(docs, "ServiceMonitor")
@@ -593,6 +859,12 @@ def test_monitors_select_the_metrics_ports(renders: dict[str, list[dict[str, Any
     assert [s["metadata"]["name"] for s in services] == ["fedpilot-coordinator"]
     ports = {p["name"] for p in services[0]["spec"]["ports"]}
     assert {e["port"] for e in service_monitor["spec"]["endpoints"]} <= ports
+    for endpoint in service_monitor["spec"]["endpoints"]:  # https, token, the stack's CA
+        assert endpoint["scheme"] == "https"
+        credentials = endpoint["authorization"]["credentials"]
+        assert credentials["key"] in SECRETS[credentials["name"]]
+        ca = endpoint["tlsConfig"]["ca"]["secret"]
+        assert ca["key"] in SECRETS[ca["name"]]
     selector = pod_monitor["spec"]["selector"]["matchLabels"]
     selected = [
         d
@@ -615,6 +887,17 @@ class CommandLine:
     env: dict[str, str]
 
 
+EXAMPLE_SECRETS = {
+    "fedpilot-secrets": {
+        "api-token": "0123456789abcdef0123456789abcdef",
+        "enrollment-secret": "fedcba9876543210fedcba9876543210",
+        "postgres-password": "example-password",
+        "database-url": "postgresql+psycopg://fedpilot:example-password@fedpilot-postgres:5432/fedpilot",
+    }
+}
+"""Values as deploy/README.md's `kubectl create secret` makes them."""
+
+
 def command_lines() -> Iterator[CommandLine]:
     compose = load_compose()
     for name, svc in compose["services"].items():
@@ -633,7 +916,7 @@ def command_lines() -> Iterator[CommandLine]:
         return
     for target in K8S_TARGETS:
         docs = render(target)
-        secrets = secrets_of(docs)
+        secrets = EXAMPLE_SECRETS
         for doc in docs:
             for container in containers(doc):
                 env = k8s_env(doc, container, secrets)
