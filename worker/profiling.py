@@ -331,12 +331,56 @@ def _param_state_bytes(params: list[nn.Parameter]) -> int:
     return unique_bytes([c.grad for c in clones if c.grad is not None]) + unique_bytes(state)
 
 
-def profile_memory(model: nn.Module, batch: Batch) -> MemoryModel:
+def _rows(batch: Batch, n: int) -> dict[str, torch.Tensor]:
+    return {k: v[:n] for k, v in batch.items()}
+
+
+def _affine(one: int, two: int, rows: int) -> int:
+    """The value at ``rows`` of the line through (1, ``one``) and (2, ``two``), never below
+    either measurement."""
+    return max(one, two, one + (rows - 1) * (two - one))
+
+
+def profile_memory(model: nn.Module, batch: Batch, *, micro_batches: bool = True) -> MemoryModel:
     """Measure ``M0``, ``a_l``, ``p_m`` and ``e_m`` for ``model`` on ``batch`` (see module doc).
 
     ``batch`` must have the job's batch size and sequence length and include
     ``labels``. The model's flags and mode are restored afterwards.
+
+    With ``micro_batches`` (the default) the model is measured on the first one
+    and the first two rows of ``batch`` and every activation term is extended
+    along that line to the full batch: every saved or working tensor of a
+    transformer has the batch as its leading dimension, so the terms are affine
+    in it (checked against the direct measurement in the tests). Profiling then
+    needs the weights plus two rows' activations, so a worker whose budget fits
+    only the top of the model can still profile; a direct measurement holds
+    the activations of back-propagating the whole batch to the first layer.
     """
+    rows = int(next(iter(batch.values())).shape[0])
+    if not micro_batches or rows <= 2:
+        return _profile_at(model, batch)
+    one, two = _profile_at(model, _rows(batch, 1)), _profile_at(model, _rows(batch, 2))
+    weights = weight_bytes(model)
+    return MemoryModel(
+        base_bytes=weights + _affine(one.base_bytes - weights, two.base_bytes - weights, rows),
+        layer_activation_bytes=tuple(
+            _affine(a, b, rows)
+            for a, b in zip(one.layer_activation_bytes, two.layer_activation_bytes, strict=True)
+        ),
+        modules=tuple(
+            ModuleCost(
+                a.name,
+                a.layer,
+                max(a.param_bytes, b.param_bytes),
+                _affine(a.extra_bytes, b.extra_bytes, rows),
+            )
+            for a, b in zip(one.modules, two.modules, strict=True)
+        ),
+    )
+
+
+def _profile_at(model: nn.Module, batch: Batch) -> MemoryModel:
+    """The memory model measured directly on ``batch``."""
     entries = module_entries(model)
     n = num_layers(model)
     with _preserved(model):

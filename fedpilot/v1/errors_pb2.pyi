@@ -32,6 +32,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_TRUNCATED: _ClassVar[ErrorReason]
     ERROR_REASON_BUDGET_EXCEEDED: _ClassVar[ErrorReason]
     ERROR_REASON_MODEL_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_OUT_OF_MEMORY: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_UNKNOWN_WORKER: ErrorReason
@@ -56,6 +57,7 @@ ERROR_REASON_STREAM_TOO_LARGE: ErrorReason
 ERROR_REASON_TRUNCATED: ErrorReason
 ERROR_REASON_BUDGET_EXCEEDED: ErrorReason
 ERROR_REASON_MODEL_UNAVAILABLE: ErrorReason
+ERROR_REASON_OUT_OF_MEMORY: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 
 class ErrorDetail(_message.Message):
