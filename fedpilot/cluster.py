@@ -165,6 +165,7 @@ class LocalCluster:
         labels: dict[str, str] | None = None,
         threads: int = 1,
         metrics_port: int | None = None,
+        device: str = "cpu",
     ) -> subprocess.Popen[bytes]:
         """One worker process; ``threads`` torch threads so co-located workers share cores."""
         args = [
@@ -181,6 +182,8 @@ class LocalCluster:
             self.log_level,
             "--threads",
             str(threads),
+            "--device",
+            device,
         ]
         for key, value in (labels or {}).items():
             args += ["--label", f"{key}={value}"]
