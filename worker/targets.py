@@ -28,6 +28,11 @@ def peft_targets(targets: Iterable[str]) -> str | list[str]:
             raise ValueError(f"{ALL_LINEAR!r} must be the only target, got {names}")
         return ALL_LINEAR
     if len(names) == 1 and not _PLAIN_NAME.fullmatch(names[0]):
+        if not names[0].startswith(".*"):
+            raise ValueError(
+                f"target pattern {names[0]!r} must start with '.*' (it is matched against "
+                "whole module paths, whose first segments differ between model families)"
+            )
         try:
             re.compile(names[0])
         except re.error as e:

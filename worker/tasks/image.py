@@ -1,7 +1,8 @@
 """Image classification data: an image folder or a saved ``datasets`` directory.
 
 * Image folder: one sub-folder per class, named after the class
-  (``train/cat/001.png``); files with an image suffix are read with Pillow.
+  (``train/cat/001.png``); files with an image suffix are read with Pillow, in a
+  fixed shuffled order so that batches mix the classes.
 * A ``datasets`` dataset written with ``save_to_disk`` (a directory holding
   ``dataset_info.json`` or ``dataset_dict.json``) with an ``Image`` column
   (``image`` or ``img``) and a label column (``label``, ``labels``, ``fine_label``...).
@@ -14,6 +15,7 @@ job names none. Images go through the model directory's image processor
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,12 @@ def _read_folder(path: Path) -> ImageExamples:
                 labels.append(folder.name)
     if not images:
         raise DataError(f"{path}: no images in class sub-folders (suffixes {IMAGE_SUFFIXES})")
+    # Folders list one class after another: batches cut from that order would each hold a
+    # single class. A fixed shuffle mixes them and stays the same on every read.
+    order = list(range(len(images)))
+    random.Random(0).shuffle(order)
+    images = [images[i] for i in order]
+    labels = [labels[i] for i in order]
     names = tuple(Path(i).name for i in images)
     examples = Examples(names, tuple(labels), tuple(range(len(images))), str(path), "image")
     return ImageExamples(tuple(images), examples)
