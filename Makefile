@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 	@$(PIP) --upgrade pip
 	@echo "installing: $(TORCH_SPEC) (the CPU build unless TORCH_SPEC says otherwise)"
 	@$(PIP) $(TORCH_SPEC)
-	@echo "installing: fedpilot (editable) with its worker, bench and dev extras"
+	@echo "installing: fedpilot (editable) with its worker, bench and dev extras (minutes)"
 	@$(PIP) -e ".[worker,bench,dev]"
 	@touch $@
 	@echo "installed: $(BIN)/fedpilot"
@@ -50,3 +50,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
+
+# The shipped stack for real: podman builds the images, podman-compose runs
+# docker-compose.yml, examples/job.yaml trains to done and the adapter loads
+# with PEFT (scripts/stack-test; needs root, podman, podman-compose, runc).
+.PHONY: stack-test
+stack-test: install
+	scripts/stack-test

@@ -10,6 +10,7 @@ a closing table and a standard PEFT adapter on disk.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import time
 from collections.abc import Sequence
@@ -177,6 +178,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, ob
     job_file = out / "job.json"
     job_file.write_text(json.dumps(_job(config, names, eval_file), indent=2))
 
+    # A run starts from a clean coordinator: an earlier run's database in the same
+    # folder would resume its job beside this one.
+    shutil.rmtree(out / "cluster", ignore_errors=True)
     cluster = LocalCluster(out / "cluster", db_url=config.database_url)
     try:
         with console.status("starting the coordinator..."):
@@ -193,7 +197,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, ob
             f"{config.dataset}, Dirichlet({config.alpha}) over {config.workers} workers; "
             f"{len(eval_texts)} held out"
         )
-        with console.status("measuring the memory profile of the configuration..."):
+        console.print("measuring the memory profile of the configuration (loads the model once)")
+        with console.status("measuring the memory profile..."):
             memory = measure_profile(config, len(names))
         budgets = tier_budgets(memory, config.workers)
         console.print(
@@ -204,7 +209,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, ob
             tier = f"{int(TIERS[i % len(TIERS)] * 100)}%"
             cluster.start_worker(f"worker{i}", path, budget, {"tier": tier})
         console.print(f"started {config.workers} worker processes")
-        (job_row,) = cluster.store.jobs()
+        job_row = cluster.store.jobs()[-1]  # the newest: this run's
         final = _watch(cluster, job_row.id, config.rounds, console)
         summary = _summarise(cluster, final, len(names), console)
         with console.status("writing the final adapter..."):
