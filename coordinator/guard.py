@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -94,6 +94,11 @@ class InFlight:
                 self._counts.pop(worker_id, None)
 
 
+class Watched(NamedTuple):
+    touch: Callable[[], None]
+    done: Callable[[], None]
+
+
 class IdleWatch:
     """Cancels streams that made no progress for ``timeout_s`` (one thread for all)."""
 
@@ -104,8 +109,9 @@ class IdleWatch:
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def watching(self, context: grpc.ServicerContext, method: str) -> Iterator[Callable[[], None]]:
-        """Yields ``touch``: call it whenever the stream makes progress."""
+    def watching(self, context: grpc.ServicerContext, method: str) -> Iterator[Watched]:
+        """Yields a handle: ``touch()`` whenever the stream makes progress, ``done()`` once
+        the peer has nothing more to send (the server's own work is not idleness)."""
         seen = [time.monotonic()]
         key = id(seen)
         with self._lock:
@@ -117,11 +123,14 @@ class IdleWatch:
         def touch() -> None:
             seen[0] = time.monotonic()
 
-        try:
-            yield touch
-        finally:
+        def done() -> None:
             with self._lock:
                 self._streams.pop(key, None)
+
+        try:
+            yield Watched(touch, done)
+        finally:
+            done()
 
     def _run(self) -> None:
         while True:
@@ -244,10 +253,10 @@ class Guard:
                 if isinstance(request, _Malformed):
                     self._malformed(method, context, request)
                 worker_id = self._admit(method, context)
-                with self.idle.watching(context, method) as touch:
+                with self.idle.watching(context, method) as watch:
                     for response in behavior(request, context):
                         yield response
-                        touch()
+                        watch.touch()
             except Exception as e:
                 self._failed(method, context, e)
             finally:
@@ -261,17 +270,18 @@ class Guard:
             worker_id = None
             try:
                 worker_id = self._admit(method, context)
-                with self.idle.watching(context, method) as touch:
+                with self.idle.watching(context, method) as watch:
 
                     def checked() -> Iterator[Any]:
                         for request in requests:
-                            touch()
+                            watch.touch()
                             if isinstance(request, _Malformed):
                                 raise WireError(
                                     errors_pb2.ERROR_REASON_MALFORMED,
                                     f"{request.size} bytes that are not a valid {method} message",
                                 )
                             yield request
+                        watch.done()  # verifying and storing may take long: not idleness
 
                     return behavior(checked(), context)
             except Exception as e:
