@@ -149,6 +149,27 @@ def save_tiny_llama(path: Path, *, layers: int = TINY_LAYERS, chat_template: boo
     return path
 
 
+def save_tiny_gpt2(path: Path, *, layers: int = TINY_LAYERS) -> Path:
+    """A 32-wide GPT-2 (``transformer.h.N`` blocks, ``Conv1D`` projections), same tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = train_bpe_tokenizer([" ".join(r.values()) for r in instruction_rows(400, seed=123)])
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=32,
+        n_head=2,
+        n_positions=128,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # -- a tiny ViT and scikit-learn's digits as an image folder -----------------------------------
 
 DIGIT_SIZE = 32

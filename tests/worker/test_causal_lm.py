@@ -23,12 +23,19 @@ from fedpilot.worker.model import (
     module_layers,
     trainable_modules,
 )
+from fedpilot.worker.profiling import dummy_batch, profile_memory
 from fedpilot.worker.scoring import local_ig_scores
 from fedpilot.worker.targets import peft_targets
 from fedpilot.worker.tasks import data_task, get_task, read_local_data
 from fedpilot.worker.tasks.causal_lm import IGNORE, encode, make_batches, read_conversations
 from fedpilot.worker.training import evaluate, train
-from tests.models import TINY_LAYERS, instruction_rows, save_tiny_llama, write_jsonl
+from tests.models import (
+    TINY_LAYERS,
+    instruction_rows,
+    save_tiny_gpt2,
+    save_tiny_llama,
+    write_jsonl,
+)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -183,6 +190,18 @@ def test_targets_by_name_list_and_by_pattern(llama_dir: Path) -> None:
     assert sorted(by_pattern) == sorted(
         n for n in by_names if n.startswith(("layers.0", "layers.1"))
     )
+
+
+def test_gpt2_blocks_under_transformer_h_get_their_depth(tmp_path: Path) -> None:
+    """Another family: ``transformer.h.N`` blocks and fused ``Conv1D`` projections."""
+    spec = _spec(save_tiny_gpt2(tmp_path / "gpt2"), ("c_attn", "c_proj"), max_seq_len=32)
+    model = load_model(spec)
+    layers = module_layers(model)
+    assert {layers[f"h.{i}.attn.c_attn"] for i in range(TINY_LAYERS)} == {1, 2, 3}
+    assert layers[f"h.{TINY_LAYERS - 1}.mlp.c_proj"] == TINY_LAYERS
+    memory = profile_memory(model, dummy_batch(model, 4, 32))
+    costs = [memory.cost([f"h.{i}.attn.c_attn"]) for i in range(TINY_LAYERS)]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,9 +239,3 @@ def dummy_batch(vocab_size: int, batch_size: int, seq_len: int, *, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def shuffled(data: Conversations, seed: int) -> Conversations:
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-    return data.subset(order)
