@@ -694,7 +694,7 @@ def test_worker_pools_per_gpu_class(renders: dict[str, list[dict[str, Any]]], ta
 
 # Flags that say how a worker reads and labels its data and reports; they must be
 # the same in Kubernetes as in the compose stack that `make stack-test` runs.
-PROVEN_FLAGS = ("--skip-unknown-labels", "--no-skip-unknown-labels", "--partition-alpha")
+PROVEN_FLAGS = ("--skip-unknown-labels", "--strict-labels", "--partition-alpha")
 
 
 def proven(argv: list[str]) -> dict[str, str | None]:
