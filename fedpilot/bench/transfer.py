@@ -245,6 +245,8 @@ class _RealPath:
                 "round_deadline_s": 3600,
                 "quorum": 1.0,
                 "ig_probe_batches": 0,
+                # The synthetic modules' LoRA shapes, which the coordinator checks.
+                "lora": {"rank": 8, "target_modules": [".*m[0-9]+"]},
             },
         )
         task = _poll(client, coordinator_pb2.TASK_KIND_PROFILE)
