@@ -145,7 +145,15 @@ def worker(
     coordinator: Annotated[str, typer.Option(help="Coordinator gRPC address.")] = "127.0.0.1:50051",
     name: Annotated[str, typer.Option(help="Display name.")] = "worker",
     memory_budget: Annotated[
-        str, typer.Option(help="e.g. 6GiB; required on CPU, may only lower the CUDA budget.")
+        str,
+        typer.Option(
+            help="e.g. 6GiB; required on CPU, may only lower the CUDA budget. What it counts: "
+            "on CUDA the device memory of this process's PyTorch allocator (capped there, an "
+            "overrun fails the task as OUT_OF_MEMORY); on CPU the model's weights plus what a "
+            "task adds above the idle worker with the job loaded (interpreter, libraries, "
+            "tokenizer and data are that baseline, logged and exported as "
+            "fedpilot_worker_memory_baseline_bytes; a machine needs baseline + budget)."
+        ),
     ] = "",
     safety_margin: Annotated[str, typer.Option(help="Kept free on CUDA.")] = "512MiB",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
@@ -192,6 +200,13 @@ def worker(
     tls_key: Annotated[
         Path | None, typer.Option(envvar="FEDPILOT_TLS_KEY", help="Key of --tls-cert.")
     ] = None,
+    memory_cgroup: Annotated[
+        bool,
+        typer.Option(
+            help="CPU, as root or with a delegated cgroup: move into a memory cgroup of its own "
+            "limited to baseline + budget, so the kernel stops an overrun."
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run a worker: register, then profile and train what the coordinator assigns."""
@@ -225,6 +240,7 @@ def worker(
             tls_ca=tls_ca,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            memory_cgroup=memory_cgroup,
         )
         service = WorkerService(settings)
         examples = service.check_data()

@@ -57,8 +57,9 @@ _UNLIMITED = 2**62
 HOST_RESERVE_BYTES = 16 * 2**20
 """Part of the CPU baseline: the interpreter's working heap during a task (Python objects,
 small tensors, profiler buffers, gRPC messages). It comes and goes with every task but
-does not depend on the assignment, and no tensor model predicts it; measured 8-12 MiB
-above the idle worker on MiniLM and on the tiny test BERT (docs/benchmarks.md)."""
+does not depend on the assignment, and no tensor model predicts it: a MiniLM task's peak
+above the idle worker exceeds its training step's tensor peak by 9-15 MiB
+(docs/benchmarks.md)."""
 
 
 class CgroupError(RuntimeError):

@@ -17,6 +17,13 @@ SAMPLES_PER_SECOND = Gauge(
 )
 TRAIN_SECONDS = Counter("fedpilot_worker_train_seconds_total", "Time spent training.")
 BUDGET = Gauge("fedpilot_worker_memory_budget_bytes", "The memory budget the knapsack respects.")
+MEMORY_BASELINE = Gauge(
+    "fedpilot_worker_memory_baseline_bytes",
+    "CPU: the idle worker with the job loaded, less the weights (needs baseline + budget).",
+)
+MEMORY_LIMIT = Gauge(
+    "fedpilot_worker_memory_limit_bytes", "Hard limit in force (cgroup or CUDA cap); 0 = none."
+)
 PREDICTED_PEAK = Gauge(
     "fedpilot_worker_predicted_peak_bytes", "Peak memory predicted for the last assignment."
 )

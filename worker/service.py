@@ -27,6 +27,7 @@ from fedpilot.wire import WireError, error_detail_from_rpc_error
 from fedpilot.wire.payload import WIRE_DTYPES, tensor_specs
 from fedpilot.wire.serde import memory_to_proto
 from fedpilot.worker import metrics
+from fedpilot.worker.budget import MemoryGuard, is_out_of_memory, warm_up
 from fedpilot.worker.client import CoordinatorClient
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,9 @@ class WorkerSettings:
     tls_cert: Path | None = None
     """This worker's certificate, for coordinators that require mutual TLS."""
     tls_key: Path | None = None
+    memory_cgroup: bool = False
+    """CPU, as root or with a delegated cgroup: move into a memory cgroup of its own limited
+    to the idle baseline + budget (``fedpilot worker`` turns it on; see ``budget``)."""
 
 
 class WorkerService:
@@ -128,6 +132,14 @@ class WorkerService:
             client = CoordinatorClient(settings.coordinator, credentials=credentials)
         self.client = client
         metrics.BUDGET.set(self.budget)
+        self.guard = MemoryGuard.start(settings.device, self.budget, cgroup=settings.memory_cgroup)
+        self._loaded: tuple[int, ...] = ()
+        log.info(
+            "memory budget %d bytes enforced by %s: %s",
+            self.budget,
+            self.guard.kind,
+            self.guard.detail,
+        )
         self.stop = threading.Event()
         self.state = coordinator_pb2.WORKER_STATE_IDLE
         self.task_id = ""
@@ -225,6 +237,13 @@ class WorkerService:
                 outcome = "refused"
                 log.warning("refusing task %s: %s", task.task_id, e.message)
                 self.call(lambda t=task.task_id, e=e: self.client.refuse_task(t, e))
+            except (MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                outcome = "out_of_memory"
+                error = self._out_of_memory(task, e)
+                log.error("task %s ran out of memory: %s", task.task_id, error.message)
+                self.call(lambda t=task.task_id, e=error: self.client.refuse_task(t, e))
             except grpc.RpcError as e:
                 outcome = "rejected"
                 # The coordinator refused a call of this task (e.g. a profile reported after
@@ -240,8 +259,50 @@ class WorkerService:
             finally:
                 metrics.TASKS.labels(kind=kind, outcome=outcome).inc()
                 self.task_id, self.state = "", coordinator_pb2.WORKER_STATE_IDLE
+                self.guard.task_done()
         self.client.close()
+        self.guard.close()
         log.info("worker stopped")
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def _job_loaded(self, model: Any, *state: Any) -> None:
+        """Tell the guard the job is loaded (re-measuring its baseline when anything was
+        reloaded) just before a task's work starts."""
+        from fedpilot.worker.profiling import weight_bytes
+
+        loaded = tuple(id(x) for x in (model, *state))
+        reloaded = loaded != self._loaded
+        self._loaded = loaded
+        if reloaded and state:
+            warm_up(model, state[0])
+        self.guard.job_loaded(weight_bytes(model), reloaded=reloaded)
+        metrics.MEMORY_BASELINE.set(self.guard.baseline_bytes)
+        metrics.MEMORY_LIMIT.set(self.guard.limit_bytes)
+
+    def _out_of_memory(self, task: coordinator_pb2.Task, e: BaseException) -> WireError:
+        """The task's failure with the numbers; what the task held is released first."""
+        import gc
+
+        gc.collect()
+        if "cuda" in self.settings.device:
+            import torch
+
+            torch.cuda.empty_cache()
+        peak = self.guard.peak_bytes()
+        return WireError(
+            errors_pb2.ERROR_REASON_OUT_OF_MEMORY,
+            f"out of memory in the task: budget {self.budget} bytes, predicted "
+            f"{task.predicted_peak_bytes}, measured peak {peak} ({type(e).__name__}: "
+            f"{str(e)[:200]})",
+            "memory",
+            {
+                "budget_bytes": str(self.budget),
+                "predicted_bytes": str(task.predicted_peak_bytes),
+                "measured_peak_bytes": str(peak),
+                "enforcement": self.guard.kind,
+            },
+        )
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -347,6 +408,7 @@ class WorkerService:
         self.state = coordinator_pb2.WORKER_STATE_PROFILING
         self._dataset(task.config)  # a worker that cannot train on its data does not profile
         spec, model = self._model(task.config)
+        self._job_loaded(model)
         memory = profile_memory(model, dummy_batch(model, spec.batch_size, spec.max_seq_len))
         shapes = tensor_specs(flatten(get_module_state(model)))
         method = (
@@ -387,6 +449,7 @@ class WorkerService:
         metrics.DOWNLOAD_BYTES.inc(sum(t.nbytes for t in tensors.values()))
         load_module_state(model, unflatten(tensors))
         batches = self._batches(config, spec)
+        self._job_loaded(model, batches)
         _fault_hold_training(self.stop)
         scores: Mapping[str, float] = {}
         if config.ig_probe_batches:
@@ -408,7 +471,7 @@ class WorkerService:
         metrics.TRAIN_SECONDS.inc(result.seconds)
         metrics.SAMPLES_PER_SECOND.set(result.num_samples / max(result.seconds, 1e-9))
         metrics.PREDICTED_PEAK.set(task.predicted_peak_bytes)
-        metrics.MEASURED_PEAK.set(result.peak_bytes)
+        metrics.MEASURED_PEAK.set(self.guard.peak_bytes() or result.peak_bytes)
         metrics.LOSS.set(result.loss_after)
         if self.abandon.is_set() or self.stop.is_set():
             log.info("task %s abandoned; not uploading", task.task_id)
@@ -431,7 +494,7 @@ class WorkerService:
             train_loss_after=result.loss_after,
             local_scores=dict(scores),
             predicted_peak_bytes=task.predicted_peak_bytes,
-            measured_peak_bytes=result.peak_bytes,
+            measured_peak_bytes=self.guard.peak_bytes() or result.peak_bytes,
             train_seconds=result.seconds,
         )
         dtype = WIRE_DTYPES.get(config.payload_dtype or "float32")

@@ -253,3 +253,43 @@ def load(
 
     config = bench.LoadConfig(rounds=rounds, database_url=database_url, timeout_s=timeout_s)
     _emit(bench.run(tuple(workers or (500,)), config))
+
+@bench_app.command("memory")
+def memory(
+    batch: Annotated[
+        list[int] | None, typer.Option(help="Batch sizes (repeatable; default 8 and 16).")
+    ] = None,
+    seq: Annotated[
+        list[int] | None, typer.Option(help="Sequence lengths (repeatable; default 32 and 64).")
+    ] = None,
+    modules: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Module subsets: top, bottom, half, all (repeatable; default top, bottom, all)."
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps per task.")] = 3,
+    model: Annotated[str, typer.Option(help="Local HF model directory (default: MiniLM).")] = "",
+) -> None:
+    """Predicted peak of the memory model vs the peak a memory cgroup meters around a child
+    process running one worker task (needs root or a delegated cgroup)."""
+    from fedpilot.bench import memory as bench
+
+    summary: dict[str, Any] = {}
+    for row in bench.run(
+        tuple(batch or (8, 16)),
+        tuple(seq or (32, 64)),
+        tuple(modules or ("top", "bottom", "all")),
+        steps=steps,
+        model=model or None,
+    ):
+        _emit([row])
+        summary = row
+    typer.echo(
+        f"memory: {summary['points']} points, {summary['under_predictions']} under-predictions, "
+        f"predicted/measured median {summary['median_ratio']}, range "
+        f"{summary['min_ratio']}-{summary['max_ratio']}",
+        err=True,
+    )
+    if summary["under_predictions"]:
+        raise typer.Exit(1)

@@ -120,7 +120,9 @@ def child_main() -> None:
 # --- the parent: profile, meter, compare -----------------------------------------------
 
 
-def _metered_task(group: Any, args: dict[str, Any], timeout_s: float) -> tuple[int, int, dict]:
+def _metered_task(
+    group: Any, args: dict[str, Any], timeout_s: float
+) -> tuple[int, int, dict[str, Any]]:
     """(idle, peak) bytes of the cgroup around one child task, and its report; ``idle`` is
     the child at rest with the job loaded (warmed up), less the weights."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

@@ -113,6 +113,23 @@ def test_minilm_prediction_within_15_percent_of_measured_peak():
     assert memory.base_bytes > weight_bytes(model)
 
 
+def test_micro_batch_profile_equals_the_direct_measurement(tiny_model):
+    # The default profile measures one and two rows and extends to the batch; every term
+    # must come out as if the whole batch had been measured.
+    batch = dummy_batch(tiny_model, 8, 32)
+
+    extended = profile_memory(tiny_model, batch)
+    direct = profile_memory(tiny_model, batch, micro_batches=False)
+
+    assert extended.base_bytes == direct.base_bytes
+    assert extended.layer_activation_bytes == direct.layer_activation_bytes
+    assert extended.modules == direct.modules
+    assert (
+        extended.full_cost()
+        > profile_memory(tiny_model, dummy_batch(tiny_model, 2, 32)).full_cost()
+    )
+
+
 def test_module_costs_are_exact_for_parameters(tiny_model):
     memory = profile_memory(tiny_model, dummy_batch(tiny_model, 2, 16))
     entries = module_entries(tiny_model)
