@@ -147,12 +147,8 @@ def worker(
     memory_budget: Annotated[
         str,
         typer.Option(
-            help="e.g. 6GiB; required on CPU, may only lower the CUDA budget. What it counts: "
-            "on CUDA the device memory of this process's PyTorch allocator (capped there, an "
-            "overrun fails the task as OUT_OF_MEMORY); on CPU the model's weights plus what a "
-            "task adds above the idle worker with the job loaded (interpreter, libraries, "
-            "tokenizer and data are that baseline, logged and exported as "
-            "fedpilot_worker_memory_baseline_bytes; a machine needs baseline + budget)."
+            help="e.g. 6GiB; required on CPU, may only lower the CUDA budget (what it "
+            "counts: see above)."
         ),
     ] = "",
     safety_margin: Annotated[str, typer.Option(help="Kept free on CUDA.")] = "512MiB",
@@ -209,7 +205,16 @@ def worker(
     ] = True,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
-    """Run a worker: register, then profile and train what the coordinator assigns."""
+    """Run a worker: register, then profile and train what the coordinator assigns.
+
+    The memory budget is what no task may exceed (profile, IG probe, training steps,
+    evaluation, payloads). CUDA: device memory of this process's PyTorch allocator,
+    capped there; an overrun fails the task as OUT_OF_MEMORY and the worker goes on.
+    CPU: the model's weights plus what a task adds above the idle worker with the job
+    loaded. That baseline (interpreter, libraries, tokenizer, data, a 16 MiB heap
+    reserve) is logged and exported as fedpilot_worker_memory_baseline_bytes: a machine
+    needs baseline + budget. As root, the worker limits its own memory cgroup to that.
+    """
     from fedpilot.worker.service import WorkerService, WorkerSettings, parse_bytes
 
     _logging(log_level)
