@@ -20,7 +20,7 @@ too (it measures on one and two rows of the batch, see ``profiling``).
   exactly what the memory model ``cost(S)`` predicts (weights, activations,
   gradients, optimizer state) plus the transient buffers of the task, and the
   baseline holds what does not depend on the assignment: interpreter,
-  libraries (~300 MiB with torch 2.13 CPU), tokenizer, examples and Python
+  libraries (~280 MiB with torch 2.13 CPU), tokenizer, examples and Python
   objects of the model. The worker measures it after loading a job and logs it
   (and exports ``fedpilot_worker_memory_baseline_bytes``): a machine needs
   ``baseline + B`` per worker. Why not the process total: the runtime is the
