@@ -14,6 +14,7 @@ from rich.table import Table
 from fedpilot import __version__, client_cli
 from fedpilot.bench.cli import bench_app
 from fedpilot.services_cli import coordinator, db_app, worker
+from fedpilot.sim.cli import simulate
 
 app = typer.Typer(
     help="Federated LoRA fine-tuning for clients with heterogeneous GPU memory.",
@@ -24,6 +25,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(db_app, name="db")
 app.command()(coordinator)
 app.command()(worker)
+app.command()(simulate)
 client_cli.register(app)
 
 

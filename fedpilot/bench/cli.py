@@ -138,6 +138,10 @@ def quality(
     threads: Annotated[
         int, typer.Option(min=0, help="torch threads of the simulator (0: torch's default).")
     ] = 0,
+    from_runs: Annotated[
+        list[Path] | None,
+        typer.Option(help="Run nothing: report the runs in these runs.jsonl files (repeatable)."),
+    ] = None,
 ) -> None:
     """Fed-piLot vs fixes, ablations, baselines and an unconstrained bound.
 
@@ -193,6 +197,14 @@ def quality(
 
         torch.set_num_threads(threads)
     console = Console(stderr=True)
+    if from_runs:
+        rows = bench.load_runs(from_runs)
+        config.out.mkdir(parents=True, exist_ok=True)
+        target = bench.write_reports(rows, config)
+        console.print(bench.rich_table(rows, target))
+        console.print(bench.rich_summary(rows))
+        console.print(f"results: {out / 'results.md'}, {out / 'results.json'}")
+        return
     # SIGTERM as Ctrl-C: unwind, so the cluster's processes are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = bench.run(config, bench.Progress(console.print))
@@ -253,6 +265,7 @@ def load(
 
     config = bench.LoadConfig(rounds=rounds, database_url=database_url, timeout_s=timeout_s)
     _emit(bench.run(tuple(workers or (500,)), config))
+
 
 @bench_app.command("memory")
 def memory(

@@ -717,6 +717,19 @@ def run(config: QualityConfig, progress: Progress | None = None) -> list[dict[st
     return rows
 
 
+def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Finished runs from ``runs.jsonl`` files (e.g. shards of a grid, or one cut short)."""
+    rows = []
+    for path in paths:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON run record ({e})") from e
+    return rows
+
+
 def write_reports(rows: list[dict[str, Any]], config: QualityConfig) -> float:
     """``results.json``, ``results.md`` and ``accuracy.png`` from finished runs."""
     from fedpilot.bench.stats import as_json, summarise
@@ -808,11 +821,17 @@ def markdown(rows: list[dict[str, Any]], target: float, config: QualityConfig) -
     from fedpilot.bench.stats import learned, summarise
 
     summary = summarise(rows)
-    chance = 1.0 / max(2, config.classes)
+    classes = int(rows[0].get("classes", config.classes)) if rows else config.classes
+    chance = 1.0 / max(2, classes)
+    first = rows[0] if rows else {}
+    engines = ", ".join(sorted({str(r.get("engine", config.engine)) for r in rows}))
+    seeds = len({r.get("seed", config.seed) for r in rows}) or config.seeds
     lines = [
-        f"# fedpilot bench quality ({config.engine} engine, {config.workers} clients, "
-        f"{config.participants or config.workers} per round, {config.rounds} rounds, "
-        f"{config.local_steps} local steps, {config.classes} classes, {config.seeds} seeds)",
+        f"# fedpilot bench quality ({engines or config.engine} engine, "
+        f"{first.get('workers', config.workers)} clients, "
+        f"{first.get('workers_per_round', config.participants or config.workers)} trained "
+        f"per round, {first.get('rounds', config.rounds)} rounds, {classes} classes, "
+        f"{seeds} seeds)",
         "",
         "Mean over seeds with the 95% t-interval; the difference to fedpilot is paired by seed "
         "(* = interval excludes 0; p from the paired t-test).",

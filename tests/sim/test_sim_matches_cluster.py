@@ -92,6 +92,14 @@ def test_two_rounds_of_three_clients_give_the_same_adapter_in_sim_and_cluster(
             for t in store.tasks(job_id, r, "train")
         }
         names = {w.id: w.name for w in store.workers()}
+        budget_of = {w.id: w.budget_bytes for w in store.workers()}
+        peaks = [
+            (t.predicted_bytes, u.measured_peak_bytes, budget_of[u.worker_id])
+            for r in (1, 2)
+            for u in store.updates(job_id, r)
+            for t in store.tasks(job_id, r, "train")
+            if t.worker_id == u.worker_id
+        ]
 
     # ... and the simulator, with the memory profile the workers reported
     torch.set_num_threads(1)
@@ -118,3 +126,8 @@ def test_two_rounds_of_three_clients_give_the_same_adapter_in_sim_and_cluster(
             np.testing.assert_allclose(result.adapter[module][part], x, rtol=0, atol=1e-6)
             moved = max(moved, float(np.abs(x).max()))
     assert moved > 0
+    # and no memory-budget violation, predicted or measured, in the cluster run
+    assert len(peaks) == len(trained)
+    assert all(
+        predicted <= budget and 0 < measured <= budget for predicted, measured, budget in peaks
+    )
