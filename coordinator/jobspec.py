@@ -169,6 +169,7 @@ class JobSpec(BaseModel):
             self.num_labels = len(self.labels)
         return self
 
+
 def _nul_at(value: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
     """Where the first string holding NUL is inside ``value``, if any."""
     if isinstance(value, str):
