@@ -322,6 +322,9 @@ class MemoryGuard:
         remove_stale_cgroups(parent, WORKER_CGROUP_PREFIX)
         group = create_child_cgroup(WORKER_CGROUP_PREFIX, parent)
         try:
+            if not group._file("memory.limit_in_bytes", "memory.max").exists():
+                # v2 without the memory controller delegated to the new group
+                raise CgroupError(f"{group.path} has no memory controller")
             group.add(os.getpid())
         except (CgroupError, OSError):
             group.remove()
@@ -354,8 +357,12 @@ class MemoryGuard:
             return
         self.baseline_bytes = baseline
         if self.cgroup is not None:
-            self.limit_bytes = baseline + self.budget_bytes
-            self.cgroup.set_limit(self.limit_bytes)
+            try:
+                self.cgroup.set_limit(baseline + self.budget_bytes)
+                self.limit_bytes = baseline + self.budget_bytes
+            except CgroupError as e:
+                log.warning("memory limit not set, running without: %s", e)
+                self.kind, self.detail, self.limit_bytes = "none", str(e), 0
         log.info(
             "memory: idle baseline %d bytes with the job loaded (weights %d counted in the "
             "budget); limit %s",

@@ -323,6 +323,8 @@ class WorkerService:
         )
         key = repr(spec)
         if key not in self._models:
+            # Free the previous job's model first: both at once may not fit the memory limit.
+            self._models = {}
             try:
                 self._models = {
                     key: (spec, load_model(spec, device=self.settings.device, seed=config.seed))
