@@ -61,6 +61,8 @@ def _bench(tmp_path: Path, tiny_dir: Path, *extra: str) -> subprocess.CompletedP
             "16",
             "--out",
             str(tmp_path / "out"),
+            "--threads",
+            "1",
             *extra,
         ],
         capture_output=True,

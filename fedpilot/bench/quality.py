@@ -628,6 +628,7 @@ def sim_result(result: Any) -> dict[str, Any]:
             "mean_modules": 0.0,
             "workers_per_round": 0.0,
             "train_seconds": 0.0,
+            "train_loss": [],
         }
     acc = result.accuracy
     modules = [len(m) for r in result.rounds for m in r.modules.values()]
@@ -644,6 +645,7 @@ def sim_result(result: Any) -> dict[str, Any]:
         "mean_modules": round(float(np.mean(modules)), 2) if modules else 0.0,
         "workers_per_round": round(tasks / max(1, len(result.rounds)), 2),
         "train_seconds": round(sum(r.seconds for r in result.rounds), 1),
+        "train_loss": [[round(r.loss_before, 5), round(r.loss_after, 5)] for r in result.rounds],
     }
 
 
@@ -786,7 +788,6 @@ def cells(r: Mapping[str, Any]) -> list[str]:
 
 SUMMARY_COLUMNS = (
     "setting",
-    "seed",
     "method",
     "kind",
     "seeds",
