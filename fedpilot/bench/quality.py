@@ -799,6 +799,18 @@ SUMMARY_COLUMNS = (
 )
 
 
+def ordered_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seed summary, settings in first-run order and methods in :data:`METHODS` order."""
+    from fedpilot.bench.stats import summarise
+
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    rank = {name: i for i, name in enumerate(METHOD_NAMES)}
+    return sorted(
+        summarise(rows),
+        key=lambda e: (settings.index(e["setting"]), rank.get(e["method"], len(rank))),
+    )
+
+
 def summary_cells(s: Mapping[str, Any]) -> list[str]:
     vs = s["vs_reference"]
     diff, p = "-", "-"
@@ -819,9 +831,9 @@ def summary_cells(s: Mapping[str, Any]) -> list[str]:
 
 
 def markdown(rows: list[dict[str, Any]], target: float, config: QualityConfig) -> str:
-    from fedpilot.bench.stats import learned, summarise
+    from fedpilot.bench.stats import learned
 
-    summary = summarise(rows)
+    summary = ordered_summary(rows)
     classes = int(rows[0].get("classes", config.classes)) if rows else config.classes
     chance = 1.0 / max(2, classes)
     first = rows[0] if rows else {}
@@ -881,12 +893,10 @@ def rich_table(rows: list[dict[str, Any]], target: float) -> Any:
 def rich_summary(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    from fedpilot.bench.stats import summarise
-
     table = Table(title="mean over seeds (95% CI); difference to fedpilot paired by seed")
     for i, col in enumerate(SUMMARY_COLUMNS):
         table.add_column(col, justify="left" if i < 3 else "right")
-    for s in summarise(rows):
+    for s in ordered_summary(rows):
         table.add_row(*summary_cells(s))
     return table
 
