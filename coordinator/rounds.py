@@ -31,7 +31,14 @@ from fedpilot.coordinator.db.store import Store, utcnow
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.settings import CoordinatorSettings
 from fedpilot.coordinator.signals import Signals
-from fedpilot.core.aggregation import Aggregator, ClientUpdate, UpdateError, flatten, unflatten
+from fedpilot.core.aggregation import (
+    Aggregator,
+    ClientUpdate,
+    Packed,
+    UpdateError,
+    flatten,
+    unflatten,
+)
 from fedpilot.core.initial import initial_adapter
 from fedpilot.core.memory import WorkerProfile, memory_from_json
 from fedpilot.core.round_plan import (
@@ -41,7 +48,7 @@ from fedpilot.core.round_plan import (
     plan_assignments,
     sample_participants,
 )
-from fedpilot.wire.payload import EncodedPayload, decode_tensors, widen
+from fedpilot.wire.payload import EncodedPayload, decode_packed, decode_tensors
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +378,9 @@ class RoundDriver:
         used, bytes_in, weighted = [], 0, {"before": 0.0, "after": 0.0, "n": 0}
         for u in updates:
             try:
-                modules = unflatten(widen(decode_tensors(self.blobs.read(u.sha256))))
-                aggregator.add(ClientUpdate(u.worker_id, u.num_samples, modules))
+                # The receiver checked every value finite before the blob was stored.
+                packed = Packed(*decode_packed(self.blobs.read(u.sha256)))
+                aggregator.add(ClientUpdate(u.worker_id, u.num_samples, packed=packed, finite=True))
             except (UpdateError, ValueError) as e:
                 self.store.record_rejection(
                     "aggregation", str(e), job_id=job.id, round_number=number, worker_id=u.worker_id

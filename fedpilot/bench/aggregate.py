@@ -12,20 +12,22 @@ from typing import Any
 import numpy as np
 
 from fedpilot.bench.synthetic import encoder_memory, lora_update
-from fedpilot.core.aggregation import Aggregator, ClientUpdate, flatten, unflatten
-from fedpilot.wire.payload import decode_tensors, encode_tensors
+from fedpilot.core.aggregation import Aggregator, ClientUpdate, Packed, flatten
+from fedpilot.wire.payload import decode_packed, encode_tensors
 
 POOL = 4  # distinct updates generated up front and replayed, so generation is not timed
 
 
-def _updates(pool: list[dict[str, dict[str, np.ndarray]]], n: int) -> Iterator[ClientUpdate]:
-    for i, modules in enumerate(islice(cycle(pool), n)):
-        yield ClientUpdate(client=f"c{i}", num_samples=100 + i, modules=modules)
+def _updates(pool: list[Packed], n: int) -> Iterator[ClientUpdate]:
+    for i, packed in enumerate(islice(cycle(pool), n)):
+        yield ClientUpdate(client=f"c{i}", num_samples=100 + i, packed=packed, finite=True)
 
 
-def _as_received(modules: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+def _as_received(modules: dict[str, dict[str, np.ndarray]]) -> Packed:
+    """An update as the coordinator aggregates it: a stored payload, checked finite
+    by the receiver, decoded as one flat array."""
     data, _ = encode_tensors(flatten(modules))
-    return unflatten(decode_tensors(data))
+    return Packed(*decode_packed(data))
 
 
 def _memcpy_gbps(nbytes: int, repeats: int) -> float:
@@ -53,7 +55,7 @@ def run(
     # Updates as the coordinator holds them: decoded from a received payload.
     pool = [_as_received(lora_update(memory, rank, seed)) for seed in range(POOL)]
     global_modules = lora_update(memory, rank, seed=99)
-    update_bytes = sum(x.nbytes for m in pool[0].values() for x in m.values())
+    update_bytes = pool[0].values.nbytes
     for merge in merges:
         for n in clients:
 

@@ -24,7 +24,10 @@ accumulator per module, so memory does not grow with the number of clients.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -112,12 +115,54 @@ class DwaConfig:
 
 
 @dataclass(frozen=True)
+class Packed:
+    """An update's tensors back to back in one 1-D array, in the order of ``keys``.
+
+    What a decoded payload already is: the aggregator folds it in with a few
+    large operations and checks its structure once per distinct layout, not
+    once per tensor per client (adapters have hundreds of small tensors).
+    """
+
+    keys: tuple[str, ...]
+    """Flat tensor names (``module/part``), in storage order."""
+    shapes: tuple[tuple[int, ...], ...]
+    values: np.ndarray
+    """1-D floating array holding every tensor, ``keys[0]`` first."""
+
+    @property
+    def layout(self) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+        return self.keys, self.shapes
+
+    def unpack(self) -> dict[str, dict[str, np.ndarray]]:
+        """Module views into ``values`` (no copy)."""
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for key, shape in zip(self.keys, self.shapes, strict=True):
+            size = int(np.prod(shape, dtype=np.int64))
+            out[key] = self.values[offset : offset + size].reshape(shape)
+            offset += size
+        return unflatten(out)
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
-    """The modules one client trained this round and how many samples it trained on."""
+    """The modules one client trained this round and how many samples it trained on.
+
+    Give either ``modules`` or ``packed`` (then ``modules`` stays empty).
+    """
 
     client: str
     num_samples: int
-    modules: Mapping[str, Module]
+    modules: Mapping[str, Module] = field(default_factory=dict)
+    packed: Packed | None = None
+    finite: bool = False
+    """The values were already checked finite (the payload receiver does), so the
+    aggregator does not scan them again."""
+
+    def module_names(self) -> list[str]:
+        if self.packed is None:
+            return list(self.modules)
+        return list(dict.fromkeys(k.rpartition(SEPARATOR)[0] for k in self.packed.keys))
 
 
 @dataclass(frozen=True)
@@ -148,20 +193,51 @@ def product(module: Module) -> np.ndarray:
 
 
 def product_change(before: Module, after: Module) -> tuple[float, float]:
-    """``||B'A' - BA||_F^2`` and ``||B'A'||_F^2`` without forming either product.
+    """``||B'A' - BA||_F^2`` and ``||B'A'||_F^2`` without forming either product."""
+    return product_changes([(before, after)])[0]
 
-    Uses ``<B1 A1, B2 A2>_F = trace((B1^T B2)(A2 A1^T))``: rank x rank
-    matrices only, so scoring a 4096 x 4096 module costs kilobytes, not 64 MiB.
+
+def product_changes(pairs: list[tuple[Module, Module]]) -> list[tuple[float, float]]:
+    """:func:`product_change` of many (before, after) LoRA modules at once.
+
+    Only rank x rank Gram matrices are formed (``<B1 A1, B2 A2>_F =
+    trace((B1^T B2)(A2 A1^T))``), so scoring a 4096 x 4096 module costs
+    kilobytes, not 64 MiB. The change is expanded as ``B' dA + dB A`` rather
+    than as a difference of two large norms, so float32 Grams lose nothing to
+    cancellation when the change is small. Modules of one shape are scored
+    together in a few batched products (dozens of modules, a handful of shapes).
     """
-    a0, b0 = before[LORA_A].astype(np.float64), before[LORA_B].astype(np.float64)
-    a1, b1 = after[LORA_A].astype(np.float64), after[LORA_B].astype(np.float64)
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+    groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+    for i, (before, after) in enumerate(pairs):
+        shapes = (before[LORA_A].shape, before[LORA_B].shape, after[LORA_A].shape)
+        groups.setdefault(shapes, []).append(i)
 
-    def inner(b_x: np.ndarray, a_x: np.ndarray, b_y: np.ndarray, a_y: np.ndarray) -> float:
-        return float(np.trace((b_x.T @ b_y) @ (a_y @ a_x.T)))
+    def stack(which: int, part: str, idx: list[int]) -> np.ndarray:
+        x = np.stack([pairs[i][which][part] for i in idx])
+        return x if x.dtype.itemsize >= 4 else x.astype(np.float32)
 
-    old, new = inner(b0, a0, b0, a0), inner(b1, a1, b1, a1)
-    cross = inner(b0, a0, b1, a1)
-    return max(old + new - 2.0 * cross, 0.0), max(new, 0.0)
+    def traces(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """trace(X_k Y_k) for each k, as sum(X * Y^T), in float64."""
+        return (x.astype(np.float64) * y.transpose(0, 2, 1).astype(np.float64)).sum(axis=(1, 2))
+
+    for idx in groups.values():
+        a0, a1 = stack(0, LORA_A, idx), stack(1, LORA_A, idx)
+        b0, b1 = stack(0, LORA_B, idx), stack(1, LORA_B, idx)
+        da, db = a1 - a0, b1 - b0
+        b1t, dbt = b1.transpose(0, 2, 1), db.transpose(0, 2, 1)
+        da_t, a0t = da.transpose(0, 2, 1), a0.transpose(0, 2, 1)
+        g_b1 = b1t @ b1
+        # ||B1 dA||^2 + ||dB A0||^2 + 2 <B1 dA, dB A0>
+        delta = (
+            traces(g_b1, da @ da_t)
+            + traces(dbt @ db, a0 @ a0t)
+            + 2.0 * traces(b1t @ db, a0 @ da_t)
+        )
+        norm = traces(g_b1, a1 @ a1.transpose(0, 2, 1))
+        for j, i in enumerate(idx):
+            out[i] = (max(float(delta[j]), 0.0), max(float(norm[j]), 0.0))
+    return out
 
 
 def refactorise(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +275,36 @@ def _truncated_svd(
 
 
 _BLOCK = 1 << 18
-"""Elements weighted per step: 128 KiB of float32, comfortably inside L2."""
+"""Elements weighted per step: 1 MiB of float32, inside L2 (best measured on 1-2 MiB L2)."""
+
+
+FOLD_THREADS = min(4, os.cpu_count() or 1)
+"""Default threads per fold: memory bandwidth, not cores, bounds it beyond a few."""
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _fold_pool() -> ThreadPoolExecutor:
+    """One process-wide pool for the fold's helper threads, made on first use."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max(1, FOLD_THREADS - 1), thread_name_prefix="fold")
+        return _POOL
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where a packed layout's values go, checked once per layout."""
+
+    size: int
+    runs: tuple[tuple[int, int, int], ...]
+    """(accumulator start, source start, length), adjacent stretches merged."""
+    exact: tuple[tuple[str, tuple[tuple[str, tuple[int, tuple[int, ...]]], ...]], ...]
+    """Modules merged as products: name, (part, (offset, shape)) pairs."""
+    modules: tuple[str, ...]
+    spans: tuple[tuple[str, int, int], ...]
+    """(flat name, offset, size) of every tensor, to name a non-finite one."""
 
 
 def _root(x: np.ndarray) -> np.ndarray:
@@ -226,7 +331,10 @@ class Aggregator:
         merge: Merge | str = Merge.FACTORS,
         dwa: DwaConfig | None = None,
         ema_decay: float = DEFAULT_EMA_DECAY,
+        fold_threads: int = FOLD_THREADS,
     ) -> None:
+        """``fold_threads``: threads that fold one update in (1 = the calling thread only);
+        an adapter smaller than two blocks always folds in one."""
         self._global = global_modules
         self._stats = dict(stats)
         self._round = round_number
@@ -260,16 +368,18 @@ class Aggregator:
         dtypes = [x.dtype for m in global_modules.values() for x in m.values()]
         self._flat = np.zeros(size, dtype=np.result_type(np.float32, *dtypes))
         self._products: dict[str, np.ndarray] = {}
+        threads = min(fold_threads, max(1, size // _BLOCK))
+        self._scratches = [
+            np.empty(min(_BLOCK, max(1, size)), dtype=self._flat.dtype) for _ in range(threads)
+        ]
+        self._plans: dict[tuple[tuple[str, ...], tuple[tuple[int, ...], ...]], _Plan] = {}
 
     def _exact(self, module: Module) -> bool:
         return self._merge is Merge.EXACT and is_lora(module)
 
     def _check(self, update: ClientUpdate) -> None:
         """Structure of the update: names, tensor sets, shapes, dtypes (values come later)."""
-        if update.client in self._clients:
-            raise UpdateError(f"client {update.client!r} already contributed to this round")
-        if update.num_samples <= 0:
-            raise UpdateError(f"client {update.client!r}: num_samples must be > 0")
+        self._check_client(update)
         for name, parts in update.modules.items():
             where = f"client {update.client!r}, module {name!r}"
             reference = self._global.get(name)
@@ -295,8 +405,10 @@ class Aggregator:
 
     def add(self, update: ClientUpdate) -> None:
         """Fold one client's update in; raises :class:`UpdateError` and changes nothing if bad."""
+        if update.packed is not None:
+            self._add_packed(update, update.packed)
+            return
         self._check(update)
-        n = update.num_samples
         keys = sorted(
             (
                 (name, part)
@@ -309,33 +421,145 @@ class Aggregator:
         runs = self._runs(update, keys)
         # One summation pass per stretch finds NaN/Inf (a non-finite sum); only
         # then look tensor by tensor, to name the culprit or clear an overflow.
-        if any(not np.isfinite(src.sum()) for _, src in runs):
+        if not update.finite and any(not np.isfinite(src.sum()) for _, src in runs):
             self._require_finite(update, keys)
         products = {}
         for name, parts in update.modules.items():
             if self._exact(parts):
-                self._require_finite(update, [(name, p) for p in parts])
+                if not update.finite:
+                    self._require_finite(update, [(name, p) for p in parts])
                 products[name] = product(parts)
         # Validated: from here on nothing can fail half-way.
+        self._fold(runs, products, update.num_samples)
+        self._record(update.client, update.num_samples, update.modules)
+
+    def _add_packed(self, update: ClientUpdate, packed: Packed) -> None:
+        where = f"client {update.client!r}"
+        if update.modules:
+            raise UpdateError(f"{where}: give modules or packed values, not both")
+        self._check_client(update)
+        plan = self._plans.get(packed.layout)
+        if plan is None:
+            plan = self._plan(where, packed)
+            self._plans[packed.layout] = plan
+        values = packed.values
+        if values.ndim != 1 or values.size != plan.size:
+            raise UpdateError(
+                f"{where}: packed values have shape {values.shape}, the layout needs ({plan.size},)"
+            )
+        if values.dtype.kind != "f":
+            raise UpdateError(f"{where}: dtype {values.dtype} is not floating point")
+        if not update.finite and not np.isfinite(values.sum()):
+            for key, offset, size in plan.spans:
+                if not np.isfinite(values[offset : offset + size]).all():
+                    module, _, part = key.rpartition(SEPARATOR)
+                    raise UpdateError(f"{where}, module {module!r}, {part}: contains NaN or Inf")
+        products = {
+            name: product(
+                {part: values[o : o + int(np.prod(sh))].reshape(sh) for part, (o, sh) in parts}
+            )
+            for name, parts in plan.exact
+        }
+        runs = [(start, values[src : src + length]) for start, src, length in plan.runs]
+        self._fold(runs, products, update.num_samples)
+        self._record(update.client, update.num_samples, plan.modules)
+
+    def _plan(self, where: str, packed: Packed) -> _Plan:
+        """Check a layout against the global adapter once; where each stretch goes."""
+        if len(packed.keys) != len(packed.shapes):
+            raise UpdateError(f"{where}: {len(packed.keys)} names for {len(packed.shapes)} shapes")
+        found: dict[str, dict[str, tuple[int, tuple[int, ...]]]] = {}
+        spans, offset = [], 0
+        for key, shape in zip(packed.keys, packed.shapes, strict=True):
+            name, sep, part = key.rpartition(SEPARATOR)
+            if not sep or not name or not part:
+                raise UpdateError(f"{where}: tensor name {key!r} is not 'module{SEPARATOR}tensor'")
+            reference = self._global.get(name)
+            if reference is None:
+                raise UpdateError(f"{where}, module {name!r}: not a module of the global adapter")
+            ref = reference.get(part)
+            if ref is None or part in found.get(name, {}):
+                raise UpdateError(f"{where}, module {name!r}: unexpected or repeated {part!r}")
+            if tuple(shape) != ref.shape:
+                raise UpdateError(
+                    f"{where}, module {name!r}, {part}: "
+                    f"shape {tuple(shape)} != expected {ref.shape}"
+                )
+            found.setdefault(name, {})[part] = (offset, ref.shape)
+            spans.append((key, offset, ref.size))
+            offset += ref.size
+        runs: list[tuple[int, int, int]] = []
+        exact = []
+        for name, parts in found.items():
+            if parts.keys() != self._global[name].keys():
+                raise UpdateError(
+                    f"{where}, module {name!r}: tensors {sorted(parts)} do not match "
+                    f"{sorted(self._global[name])}"
+                )
+            if self._exact(self._global[name]):
+                exact.append((name, tuple(sorted(parts.items()))))
+                continue
+            for part, (src, _) in parts.items():
+                start, length = self._slots[(name, part)]
+                runs.append((start, src, length))
+        runs.sort(key=lambda r: r[1])
+        merged: list[tuple[int, int, int]] = []
+        for start, src, length in runs:
+            if merged and merged[-1][0] + merged[-1][2] == start and sum(merged[-1][1:]) == src:
+                merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + length)
+            else:
+                merged.append((start, src, length))
+        return _Plan(offset, tuple(merged), tuple(exact), tuple(found), tuple(spans))
+
+    def _check_client(self, update: ClientUpdate) -> None:
+        if update.client in self._clients:
+            raise UpdateError(f"client {update.client!r} already contributed to this round")
+        if update.num_samples <= 0:
+            raise UpdateError(f"client {update.client!r}: num_samples must be > 0")
+
+    def _fold(
+        self, runs: list[tuple[int, np.ndarray]], products: dict[str, np.ndarray], n: int
+    ) -> None:
+        """Add ``n`` times each stretch into the accumulator: one fused pass per update.
+
+        Blocks are weighted one cache-sized piece at a time (the scratch block stays
+        in cache, so memory traffic is one read of the update and one
+        read-modify-write of the accumulator), spread over the fold threads; numpy
+        releases the GIL inside each operation.
+        """
         weight = self._flat.dtype.type(n)
-        scratch = np.empty(min(_BLOCK, self._flat.size), dtype=self._flat.dtype)
-        for start, src in runs:
-            # Weight a cache-sized block at a time: the scratch block stays in
-            # cache, so memory traffic is one read of the update and one
-            # read-modify-write of the accumulator.
-            for lo in range(0, src.size, _BLOCK):
-                block = src[lo : lo + _BLOCK]
+        blocks = [
+            (start + lo, src[lo : lo + _BLOCK])
+            for start, src in runs
+            for lo in range(0, src.size, _BLOCK)
+        ]
+        shares = [blocks[i :: len(self._scratches)] for i in range(len(self._scratches))]
+        shares = [share for share in shares if share]
+
+        def fold(share: list[tuple[int, np.ndarray]], scratch: np.ndarray) -> None:
+            for start, block in share:
                 tmp = scratch[: block.size]
                 np.multiply(block, weight, out=tmp)
-                acc = self._flat[start + lo : start + lo + block.size]
+                acc = self._flat[start : start + block.size]
                 np.add(acc, tmp, out=acc)
+
+        pending = [
+            _fold_pool().submit(fold, share, scratch)
+            for share, scratch in zip(shares[1:], self._scratches[1:], strict=False)
+        ]
+        if shares:
+            fold(shares[0], self._scratches[0])
+        for future in pending:
+            future.result()
         for name, p in products.items():
             acc = self._products.setdefault(name, np.zeros_like(p))
             p *= p.dtype.type(n)
             acc += p
-        for name in update.modules:
-            self._samples.setdefault(name, {})[update.client] = n
-        self._clients.add(update.client)
+
+    def _record(self, client: str, n: int, modules: Iterable[str]) -> None:
+        for name in modules:
+            self._samples.setdefault(name, {})[client] = n
+        self._clients.add(client)
         self._total_samples += n
 
     def _runs(
@@ -382,15 +606,6 @@ class Aggregator:
         close()
         return runs
 
-    def _sums(self, name: str) -> dict[str, np.ndarray]:
-        if name in self._products:
-            return {"product": self._products[name]}
-        out = {}
-        for part, x in self._global[name].items():
-            start, length = self._slots[(name, part)]
-            out[part] = self._flat[start : start + length].reshape(x.shape)
-        return out
-
     def result(self) -> AggregationResult:
         """The new global modules and statistics (the inputs are not modified)."""
         stats = dict(self._stats)
@@ -408,6 +623,7 @@ class Aggregator:
         weights: dict[str, dict[str, float]] = {}
         steps: dict[str, float] = {}
         changes: dict[str, float] = {}
+        scored: list[tuple[str, Module, Module]] = []
         for name, contributors in self._samples.items():
             current = self._global[name]
             if self._rule is Rule.FEDAVG:
@@ -422,42 +638,55 @@ class Aggregator:
             weights[name] = {c: n / denom for c, n in contributors.items()}
             if stale > 0:
                 weights[name]["<stale>"] = stale
-            new, change = self._merge_module(current, self._sums(name), denom, stale, step)
-            modules[name] = new
             steps[name] = step
-            changes[name] = change
+            if name in self._products:
+                modules[name], changes[name] = self._merge_product(
+                    current, self._products[name], denom, stale, step
+                )
+                continue
+            new = self._merge_factors(name, current, denom, stale, step)
+            modules[name] = new
+            if is_lora(current):
+                scored.append((name, current, new))
+            else:
+                delta = sum(float(np.sum((new[p] - current[p]) ** 2)) for p in current)
+                norm = sum(float(np.sum(new[p] ** 2)) for p in current)
+                changes[name] = relative_change(delta, norm)
+        for (name, _, _), (delta, norm) in zip(
+            scored, product_changes([(before, after) for _, before, after in scored]), strict=True
+        ):
+            changes[name] = relative_change(delta, norm)
         stats = update_global_scores(stats, changes, self._round, decay=self._decay)
         return AggregationResult(modules, stats, weights, steps, changes)
 
-    def _merge_module(
-        self,
-        current: Module,
-        sums: Mapping[str, np.ndarray],
-        denom: float,
-        stale: float,
-        step: float,
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """``W + step * (Agg - W)`` where ``Agg = sums / denom + stale * W``."""
-        if "product" in sums:
-            w = product(current)
-            agg = sums["product"] / denom + stale * w
-            new_w = w + step * (agg - w)
-            a, b = refactorise(new_w, current[LORA_A].shape[0])
-            new = {LORA_A: a.astype(current[LORA_A].dtype), LORA_B: b.astype(current[LORA_B].dtype)}
-            new.update({k: v for k, v in current.items() if k not in new})
-            delta = float(np.sum((new_w - w) ** 2))
-            return new, relative_change(delta, float(np.sum(new_w**2)))
+    def _merge_factors(
+        self, name: str, current: Module, denom: float, stale: float, step: float
+    ) -> dict[str, np.ndarray]:
+        """``W + step * (Agg - W)`` with ``Agg = sums / denom + stale * W``, as
+        ``(1 - step + step * stale) W + (step / denom) sums``: two passes per tensor."""
+        keep, scale = 1.0 - step + step * stale, step / denom
         new = {}
         for part, x in current.items():
-            ref = x.astype(sums[part].dtype, copy=False)
-            agg = sums[part] / sums[part].dtype.type(denom) + stale * ref
-            new[part] = (ref + step * (agg - ref)).astype(x.dtype, copy=False)
-        if is_lora(current):
-            delta, norm = product_change(current, new)
-        else:
-            delta = sum(float(np.sum((new[p] - current[p]) ** 2)) for p in current)
-            norm = sum(float(np.sum(new[p] ** 2)) for p in current)
-        return new, relative_change(delta, norm)
+            start, length = self._slots[(name, part)]
+            sums = self._flat[start : start + length].reshape(x.shape)
+            out = sums * sums.dtype.type(scale)
+            if keep != 0.0:
+                out += x * keep
+            new[part] = out.astype(x.dtype, copy=False)
+        return new
+
+    def _merge_product(
+        self, current: Module, sums: np.ndarray, denom: float, stale: float, step: float
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """The exact merge: the same step on the products, re-factorised to the rank."""
+        w = product(current)
+        agg = sums / denom + stale * w
+        new_w = w + step * (agg - w)
+        a, b = refactorise(new_w, current[LORA_A].shape[0])
+        new = {LORA_A: a.astype(current[LORA_A].dtype), LORA_B: b.astype(current[LORA_B].dtype)}
+        new.update({k: v for k, v in current.items() if k not in new})
+        delta = float(np.sum((new_w - w) ** 2))
+        return new, relative_change(delta, float(np.sum(new_w**2)))
 
 
 def aggregate(

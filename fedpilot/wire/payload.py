@@ -220,6 +220,35 @@ def decode_tensors(data: Buffer) -> dict[str, np.ndarray]:
     Tensors of one dtype that are stored back to back stay adjacent in memory,
     which lets aggregation fold a whole update in with a few large operations.
     """
+    return _decode(data)[0]
+
+
+def decode_packed(
+    data: Buffer,
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], np.ndarray]:
+    """A payload's tensors as one flat array in storage order: names, shapes, values.
+
+    Every byte of a checked payload belongs to a tensor, so when all tensors
+    share float32 or float16 the values are the payload body itself (no copy);
+    bfloat16 or mixed dtypes are widened to float32 in one pass.
+    """
+    tensors, body, order = _decode(data)
+    shapes = tuple(tensors[k].shape for k in order)
+    dtypes = {tensors[k].dtype for k in order}
+    if len(dtypes) == 1 and dtypes <= {np.dtype(np.float32), np.dtype(np.float16)}:
+        values = body.view(dtypes.pop())
+    else:
+        values = np.empty(sum(tensors[k].size for k in order), dtype=np.float32)
+        offset = 0
+        for k in order:
+            x = tensors[k].reshape(-1)
+            values[offset : offset + x.size] = x
+            offset += x.size
+    return order, shapes, values
+
+
+def _decode(data: Buffer) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[str, ...]]:
+    """Checked views, the body they live in, and their names in storage order."""
     if len(data) < 8:
         raise _malformed("shorter than its 8-byte header length")
     header_len = int.from_bytes(data[:8], "little")
@@ -252,7 +281,7 @@ def decode_tensors(data: Buffer) -> dict[str, np.ndarray]:
         raise _malformed(f"{start} bytes before the first tensor")
     if last != len(body):
         raise _malformed(f"{len(body) - last} bytes after the last tensor")
-    return out
+    return out, body, tuple(name for _, _, name in spans)
 
 
 class PayloadReceiver:

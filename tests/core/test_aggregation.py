@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -125,7 +127,7 @@ def test_dwa_moves_under_updated_modules_further() -> None:
     # W + eta_m (Agg - W) with one client: Agg is that client's factors.
     new = result.modules["rare"]["lora_A"]
     expected = g["rare"]["lora_A"] + 0.9 * (update.modules["rare"]["lora_A"] - g["rare"]["lora_A"])
-    np.testing.assert_allclose(new, expected, rtol=1e-6)
+    np.testing.assert_allclose(new, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_fedavg_counts_stale_values_for_clients_that_did_not_train_a_module() -> None:
@@ -280,3 +282,147 @@ def test_initial_adapter_is_deterministic_and_starts_at_the_base_model() -> None
     assert not np.any(product(a["m"]))  # B = 0: the adapted model equals the base model
     assert np.abs(a["m"]["lora_A"]).max() <= 1 / np.sqrt(6)
     assert a["head"]["weight"].std() > 0 and not np.any(a["head"]["bias"])
+
+
+def _packed(modules, dtype="float32"):
+    """The update as the coordinator builds it from a stored payload."""
+    from fedpilot.core.aggregation import Packed, flatten
+    from fedpilot.wire.payload import decode_packed, encode_tensors
+
+    tensors = {k: x.astype(dtype) for k, x in flatten(modules).items()}
+    return Packed(*decode_packed(encode_tensors(tensors)[0]))
+
+
+@pytest.mark.parametrize("merge", ["factors", "exact"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_packed_updates_aggregate_like_module_dicts(merge, dtype) -> None:
+    rng = np.random.default_rng(13)
+    g = _global(rng, ("m1", "m2", "m3", "m4"))
+    plain = [
+        ClientUpdate("a", 3, {n: _module(rng) for n in ("m1", "m2", "m4")}),
+        ClientUpdate("b", 5, {n: _module(rng) for n in ("m2", "m3")}),
+        ClientUpdate("c", 2, {n: _module(rng) for n in ("m1", "m4")}),
+    ]
+    if dtype == "float16":  # what the receiver would have widened
+        plain = [
+            ClientUpdate(
+                u.client,
+                u.num_samples,
+                {
+                    m: {p: x.astype(np.float16) for p, x in parts.items()}
+                    for m, parts in u.modules.items()
+                },
+            )
+            for u in plain
+        ]
+    packed = [
+        ClientUpdate(u.client, u.num_samples, packed=_packed(u.modules, dtype), finite=True)
+        for u in plain
+    ]
+    expected = aggregate(g, plain, {}, 2, merge=merge)
+    result = aggregate(g, packed, {}, 2, merge=merge)
+    assert result.weights == expected.weights and result.stats == expected.stats
+    for name in g:
+        for part in g[name]:
+            np.testing.assert_allclose(
+                result.modules[name][part], expected.modules[name][part], rtol=1e-6, atol=1e-7
+            )
+
+
+def test_a_packed_layout_is_checked_once_and_reused() -> None:
+    rng = np.random.default_rng(14)
+    g = _global(rng)
+    agg = Aggregator(g, {}, 1)
+    for i in range(5):
+        agg.add(ClientUpdate(f"c{i}", 1, packed=_packed({"m1": _module(rng), "m3": _module(rng)})))
+    assert len(agg._plans) == 1
+    # m1 and m3 are not adjacent in the accumulator, so two stretches; each one large.
+    (plan,) = agg._plans.values()
+    assert len(plan.runs) == 2 and plan.modules == ("m1", "m3")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: replace(p, keys=("unknown/lora_A", *p.keys[1:])), "not a module"),
+        (
+            lambda p: replace(
+                p, keys=p.keys[:1], shapes=p.shapes[:1], values=p.values[: RANK * D_IN]
+            ),
+            "do not match",
+        ),
+        (lambda p: replace(p, shapes=((2, D_IN), *p.shapes[1:])), "shape"),
+        (lambda p: replace(p, keys=("m1lora_A", *p.keys[1:])), "not 'module/tensor'"),
+        (lambda p: replace(p, keys=("m1/lora_A", "m1/lora_A")), "repeated"),
+        (lambda p: replace(p, values=p.values[:-1]), "layout needs"),
+        (lambda p: replace(p, values=p.values.astype(np.int32)), "dtype"),
+        (
+            lambda p: replace(p, values=np.where(np.arange(p.values.size) == 30, np.inf, p.values)),
+            "'m1', lora_B: contains NaN or Inf",
+        ),
+    ],
+)
+def test_bad_packed_updates_are_rejected_by_name_and_change_nothing(mutate, message) -> None:
+    rng = np.random.default_rng(15)
+    g = _global(rng)
+    agg = Aggregator(g, {}, 1)
+    good = {"m1": _module(rng)}
+    agg.add(ClientUpdate("good", 4, packed=_packed(good)))
+    with pytest.raises(UpdateError, match=message):
+        agg.add(ClientUpdate("bad", 4, packed=mutate(_packed({"m1": _module(rng)}))))
+    result = agg.result()
+    np.testing.assert_allclose(
+        result.modules["m1"]["lora_A"], good["m1"]["lora_A"], rtol=1e-6, atol=1e-6
+    )
+    assert result.weights["m1"] == {"good": 1.0}
+
+
+def test_folding_over_threads_gives_the_same_bits() -> None:
+    rng = np.random.default_rng(16)
+    shape_a, shape_b = (8, 40_000), (40_000, 8)  # 640k numbers: several fold blocks
+    g = {
+        f"m{i}": {
+            "lora_A": rng.standard_normal(shape_a).astype(np.float32),
+            "lora_B": rng.standard_normal(shape_b).astype(np.float32),
+        }
+        for i in range(2)
+    }
+    updates = [
+        ClientUpdate(f"c{k}", k + 1, packed=_packed({n: g[n] for n in ("m0", "m1")[: k % 2 + 1]}))
+        for k in range(4)
+    ]
+
+    def run(threads: int) -> dict:
+        agg = Aggregator(g, {}, 1, fold_threads=threads)
+        for u in updates:
+            agg.add(u)
+        return agg.result().modules
+
+    one, three = run(1), run(3)
+    for name in g:
+        for part in g[name]:
+            assert np.array_equal(one[name][part], three[name][part])
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_product_changes_match_the_dense_products(scale) -> None:
+    from fedpilot.core.aggregation import product_changes
+
+    rng = np.random.default_rng(17)
+    pairs = []
+    for shape_a, shape_b in [((4, 30), (20, 4)), ((4, 30), (20, 4)), ((2, 7), (9, 2))]:
+        before = {
+            "lora_A": rng.standard_normal(shape_a).astype(np.float32),
+            "lora_B": rng.standard_normal(shape_b).astype(np.float32),
+        }
+        after = {
+            k: (x + scale * rng.standard_normal(x.shape)).astype(np.float32)
+            for k, x in before.items()
+        }
+        pairs.append((before, after))
+    for (before, after), (delta, norm) in zip(pairs, product_changes(pairs), strict=True):
+        dense_before = before["lora_B"].astype(np.float64) @ before["lora_A"].astype(np.float64)
+        dense_after = after["lora_B"].astype(np.float64) @ after["lora_A"].astype(np.float64)
+        # A small change is not lost to cancellation against the large norms.
+        assert delta == pytest.approx(np.sum((dense_after - dense_before) ** 2), rel=1e-3)
+        assert norm == pytest.approx(np.sum(dense_after**2), rel=1e-5)
