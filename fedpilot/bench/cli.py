@@ -49,6 +49,22 @@ def aggregate(
     _emit(bench.run(tuple(clients or (10, 100)), tuple(merge or ("factors",))))
 
 
+@bench_app.command("exact")
+def exact(
+    shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="bert-base (72 modules, rank 8, 10 clients) "
+            "and/or 7b-layer (4096 x 4096, rank 16, 100 clients)."
+        ),
+    ] = None,
+) -> None:
+    """The exact merge from stacked factors vs dense products: time, peak, error to exact SVD."""
+    from fedpilot.bench import exact as bench
+
+    _emit(bench.run(tuple(shape or ("bert-base", "7b-layer"))))
+
+
 @bench_app.command("blobs")
 def blobs(
     sizes: Annotated[

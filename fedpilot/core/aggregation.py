@@ -230,9 +230,7 @@ def product_changes(pairs: list[tuple[Module, Module]]) -> list[tuple[float, flo
         g_b1 = b1t @ b1
         # ||B1 dA||^2 + ||dB A0||^2 + 2 <B1 dA, dB A0>
         delta = (
-            traces(g_b1, da @ da_t)
-            + traces(dbt @ db, a0 @ a0t)
-            + 2.0 * traces(b1t @ db, a0 @ da_t)
+            traces(g_b1, da @ da_t) + traces(dbt @ db, a0 @ a0t) + 2.0 * traces(b1t @ db, a0 @ da_t)
         )
         norm = traces(g_b1, a1 @ a1.transpose(0, 2, 1))
         for j, i in enumerate(idx):
@@ -367,7 +365,7 @@ class Aggregator:
             size += n
         dtypes = [x.dtype for m in global_modules.values() for x in m.values()]
         self._flat = np.zeros(size, dtype=np.result_type(np.float32, *dtypes))
-        self._products: dict[str, np.ndarray] = {}
+        self._products: dict[str, ProductSum] = {}
         threads = min(fold_threads, max(1, size // _BLOCK))
         self._scratches = [
             np.empty(min(_BLOCK, max(1, size)), dtype=self._flat.dtype) for _ in range(threads)
@@ -428,7 +426,7 @@ class Aggregator:
             if self._exact(parts):
                 if not update.finite:
                     self._require_finite(update, [(name, p) for p in parts])
-                products[name] = product(parts)
+                products[name] = parts
         # Validated: from here on nothing can fail half-way.
         self._fold(runs, products, update.num_samples)
         self._record(update.client, update.num_samples, update.modules)
@@ -455,9 +453,7 @@ class Aggregator:
                     module, _, part = key.rpartition(SEPARATOR)
                     raise UpdateError(f"{where}, module {module!r}, {part}: contains NaN or Inf")
         products = {
-            name: product(
-                {part: values[o : o + int(np.prod(sh))].reshape(sh) for part, (o, sh) in parts}
-            )
+            name: {part: values[o : o + int(np.prod(sh))].reshape(sh) for part, (o, sh) in parts}
             for name, parts in plan.exact
         }
         runs = [(start, values[src : src + length]) for start, src, length in plan.runs]
@@ -518,7 +514,7 @@ class Aggregator:
             raise UpdateError(f"client {update.client!r}: num_samples must be > 0")
 
     def _fold(
-        self, runs: list[tuple[int, np.ndarray]], products: dict[str, np.ndarray], n: int
+        self, runs: list[tuple[int, np.ndarray]], products: dict[str, Module], n: int
     ) -> None:
         """Add ``n`` times each stretch into the accumulator: one fused pass per update.
 
@@ -551,10 +547,10 @@ class Aggregator:
             fold(shares[0], self._scratches[0])
         for future in pending:
             future.result()
-        for name, p in products.items():
-            acc = self._products.setdefault(name, np.zeros_like(p))
-            p *= p.dtype.type(n)
-            acc += p
+        for name, parts in products.items():
+            if name not in self._products:
+                self._products[name] = ProductSum(self._global[name])
+            self._products[name].add(parts, n)
 
     def _record(self, client: str, n: int, modules: Iterable[str]) -> None:
         for name in modules:
@@ -676,17 +672,89 @@ class Aggregator:
         return new
 
     def _merge_product(
-        self, current: Module, sums: np.ndarray, denom: float, stale: float, step: float
+        self, current: Module, sums: ProductSum, denom: float, stale: float, step: float
     ) -> tuple[dict[str, np.ndarray], float]:
         """The exact merge: the same step on the products, re-factorised to the rank."""
-        w = product(current)
-        agg = sums / denom + stale * w
-        new_w = w + step * (agg - w)
-        a, b = refactorise(new_w, current[LORA_A].shape[0])
+        keep, scale = 1.0 - step + step * stale, step / denom
+        a, b, delta, norm = sums.merge(keep, scale)
         new = {LORA_A: a.astype(current[LORA_A].dtype), LORA_B: b.astype(current[LORA_B].dtype)}
         new.update({k: v for k, v in current.items() if k not in new})
-        delta = float(np.sum((new_w - w) ** 2))
-        return new, relative_change(delta, float(np.sum(new_w**2)))
+        return new, relative_change(delta, norm)
+
+
+class ProductSum:
+    """``keep * B0 A0 + scale * sum_i n_i B_i A_i`` of one LoRA module, kept factored.
+
+    The weighted mean of rank-``r_i`` products has rank at most ``r + sum r_i``,
+    so the clients' factors are stacked side by side (``K = [B0 | n_1 B_1 | ...]``,
+    ``L = [A0; A_1; ...]``) instead of adding ``out x in`` products. The merge
+    takes a thin QR of each stack and an SVD of the small core ``R_K D R_L^T``:
+    the same truncated SVD as of the dense matrix, in ``O((out + in) R^2)``
+    time and ``O((out + in) R)`` memory. Once the stacks would hold more
+    numbers than the dense matrix (many clients on a small layer), they are
+    multiplied out once and later products are added densely.
+    """
+
+    def __init__(self, current: Module, *, stacked: bool = True) -> None:
+        """``stacked=False`` adds dense products from the start (the older way, kept to
+        compare against)."""
+        self.rank = current[LORA_A].shape[0]
+        self.dtype = np.result_type(current[LORA_A].dtype, current[LORA_B].dtype, np.float32)
+        a0 = np.asarray(current[LORA_A], dtype=self.dtype)
+        b0 = np.asarray(current[LORA_B], dtype=self.dtype)
+        self._shape = (b0.shape[0], a0.shape[1])
+        self._b: list[np.ndarray] = [b0]
+        self._a: list[np.ndarray] = [a0]
+        self._width = self.rank
+        self._dense: np.ndarray | None = None if stacked else np.zeros(self._shape, self.dtype)
+        self._w0 = (b0, a0)
+
+    @property
+    def dense(self) -> bool:
+        """Whether the sum is held as an ``out x in`` matrix (stacks would be larger)."""
+        return self._dense is not None
+
+    def add(self, parts: Module, n: int) -> None:
+        b = np.asarray(parts[LORA_B], dtype=self.dtype) * self.dtype.type(n)
+        a = np.array(parts[LORA_A], dtype=self.dtype)  # a copy: the update's buffer may go
+        if self._dense is not None:
+            self._dense += b @ a
+            return
+        self._b.append(b)
+        self._a.append(a)
+        self._width += a.shape[0]
+        out, inn = self._shape
+        if self._width * (out + inn) >= out * inn:
+            self._dense = np.hstack(self._b[1:]) @ np.vstack(self._a[1:])
+            self._b, self._a = self._b[:1], self._a[:1]
+
+    def merge(self, keep: float, scale: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Factors ``(A, B)`` of the rank-``r`` truncation of ``W' = keep W0 + scale S``,
+        with ``||W' - W0||_F^2`` and ``||W'||_F^2``. ``A`` has orthonormal rows."""
+        b0, a0 = self._w0
+        if self._dense is not None:
+            w = b0 @ a0
+            new_w = keep * w + scale * self._dense
+            a, b = refactorise(new_w, self.rank)
+            return a, b, float(np.sum((new_w - w) ** 2)), float(np.sum(new_w**2))
+        q_k, r_k = np.linalg.qr(np.hstack(self._b))
+        q_l, r_l = np.linalg.qr(np.vstack(self._a).T)
+        d = np.full(self._width, scale, dtype=np.float64)
+        d[: self.rank] = keep
+        core = (r_k * d) @ r_l.T
+        change = (r_k * (d - (np.arange(self._width) < self.rank))) @ r_l.T
+        u, s, vt = np.linalg.svd(core)
+        r = min(self.rank, s.shape[0])
+        b = np.zeros((self._shape[0], self.rank), dtype=self.dtype)
+        a = np.zeros((self.rank, self._shape[1]), dtype=self.dtype)
+        b[:, :r] = q_k @ (u[:, :r] * s[:r])
+        a[:r] = (q_l @ vt[:r].T).T
+        return (
+            a,
+            b,
+            float(np.sum(change.astype(np.float64) ** 2)),
+            float(np.sum(s.astype(np.float64) ** 2)),
+        )
 
 
 def aggregate(

@@ -426,3 +426,56 @@ def test_product_changes_match_the_dense_products(scale) -> None:
         # A small change is not lost to cancellation against the large norms.
         assert delta == pytest.approx(np.sum((dense_after - dense_before) ** 2), rel=1e-3)
         assert norm == pytest.approx(np.sum(dense_after**2), rel=1e-5)
+
+
+@pytest.mark.parametrize("clients", [3, 40])  # 40 x rank 4 on 40 x 30: the sum turns dense
+@pytest.mark.parametrize("rule", ["stagg", "fedavg"])
+def test_exact_merge_is_the_truncated_svd_of_the_dense_step(clients, rule) -> None:
+    from fedpilot.core.aggregation import ProductSum
+    from fedpilot.core.ig_score import relative_change
+
+    rng = np.random.default_rng(18)
+    out, inn = 40, 30
+
+    def module() -> dict[str, np.ndarray]:
+        return {
+            "lora_A": rng.standard_normal((RANK, inn)).astype(np.float32),
+            "lora_B": rng.standard_normal((out, RANK)).astype(np.float32),
+        }
+
+    g = {"m1": module(), "m2": module()}
+    updates = [
+        ClientUpdate(f"c{i}", int(rng.integers(1, 9)), {"m1": module(), "m2": module()})
+        if i % 3
+        else ClientUpdate(f"c{i}", 5, {"m2": module()})  # FedAvg counts these as stale
+        for i in range(clients)
+    ]
+    stats = {"m1": ModuleStats(update_count=1), "m2": ModuleStats(update_count=9)}
+    result = aggregate(g, updates, stats, 2, rule=rule, merge="exact")
+    trained = [u for u in updates if "m1" in u.modules]
+    total = sum(u.num_samples for u in updates)
+    denom = total if rule == "fedavg" else sum(u.num_samples for u in trained)
+    stale = (total - sum(u.num_samples for u in trained)) / total if rule == "fedavg" else 0.0
+    w = product(g["m1"]).astype(np.float64)
+    sums = sum(u.num_samples * product(u.modules["m1"]).astype(np.float64) for u in trained)
+    step = result.steps["m1"]
+    new_w = w + step * (sums / denom + stale * w - w)
+    if clients == 40:
+        # Stacks larger than the matrix: the dense sum and refactorise, as before.
+        from fedpilot.core.aggregation import refactorise
+
+        a, b = refactorise(new_w.astype(np.float32), RANK)
+        truncated = (b @ a).astype(np.float64)
+    else:
+        u, s, vt = np.linalg.svd(new_w)
+        truncated = (u[:, :RANK] * s[:RANK]) @ vt[:RANK]
+    got = product(result.modules["m1"]).astype(np.float64)
+    assert np.linalg.norm(got - truncated) <= 1e-5 * np.linalg.norm(truncated)
+    expected_change = relative_change(np.sum((new_w - w) ** 2), np.sum(new_w**2))
+    assert result.changes["m1"] == pytest.approx(expected_change, rel=1e-4)
+    a = result.modules["m1"]["lora_A"]
+    np.testing.assert_allclose(a @ a.T, np.eye(RANK), atol=1e-5)
+    held = ProductSum(g["m1"])
+    for u in trained:
+        held.add(u.modules["m1"], u.num_samples)
+    assert held.dense is (clients == 40)
