@@ -153,8 +153,11 @@ def solve_batch(
     )
     predicted = memory.base_bytes + suffix[lowest] + chosen @ np.asarray(weights, dtype=np.int64)
     chosen_values = np.where(chosen, item_values, 0.0).sum(axis=1)
-    names_in_order = [memory.modules[j].name for j in order]
-    rank = {name: k for k, name in enumerate(memory.module_names)}
+    # Chosen flags back in the memory model's module order, so names need no sorting.
+    in_model_order = np.empty(n_modules, dtype=np.int64)
+    in_model_order[order] = np.arange(n_modules)
+    chosen_by_name = chosen[:, in_model_order]
+    module_names = memory.module_names
 
     solutions = []
     for i in range(n_clients):
@@ -173,10 +176,9 @@ def solve_batch(
                 )
             )
             continue
-        names = sorted((names_in_order[k] for k in np.flatnonzero(chosen[i])), key=rank.__getitem__)
         solutions.append(
             Solution(
-                modules=tuple(names),
+                modules=tuple(module_names[k] for k in np.flatnonzero(chosen_by_name[i])),
                 predicted_bytes=int(predicted[i]),
                 value=float(chosen_values[i]),
                 feasible=True,
@@ -211,18 +213,24 @@ def _solve_block(
     take = np.zeros((n_items, n_clients, cells + 1), dtype=bool)
     start = 0
     for depth, end in prefix_ends:
+        capacity = budgets - memory.base_bytes - memory.activation_bytes_from(depth)
+        cap_cells = np.clip(capacity // q, 0, cells)
+        if (capacity < 0).all():
+            # Deeper prefixes hold more activations, so no client fits any of them.
+            break
+        # Reads from here on are at this prefix's capacities or below (deeper layers
+        # cost activation memory): the programme needs no wider row.
+        width = int(cap_cells.max()) + 1
         for j in range(start, end):
             w, v = w_cells[j], item_values[:, j : j + 1]
             if w == 0:
-                np.greater(v, 0.0, out=take[j])
-                dp += np.maximum(v, 0.0)
-            elif w <= cells:
-                cand = dp[:, :-w] + v
-                np.greater(cand, dp[:, w:], out=take[j, :, w:])
-                np.maximum(dp[:, w:], cand, out=dp[:, w:])
+                np.greater(v, 0.0, out=take[j, :, :width])
+                dp[:, :width] += np.maximum(v, 0.0)
+            elif w < width:
+                cand = dp[:, : width - w] + v
+                np.greater(cand, dp[:, w:width], out=take[j, :, w:width])
+                np.maximum(dp[:, w:width], cand, out=dp[:, w:width])
         start = end
-        capacity = budgets - memory.base_bytes - memory.activation_bytes_from(depth)
-        cap_cells = np.clip(capacity // q, 0, cells)
         candidate = np.where(capacity >= 0, dp[rows, cap_cells], -np.inf)
         better = candidate > best_value
         best_value[better] = candidate[better]

@@ -17,6 +17,7 @@ budget, or marks the client infeasible with the reason. They differ only in
 
 from __future__ import annotations
 
+import operator
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -117,9 +118,7 @@ def _knapsack(
     out: list[Assignment | None] = [None] * len(clients)
     for memory, members in groups.items():
         names = memory.module_names
-        values = np.array(
-            [[clients[i].scores.get(n, 0.0) for n in names] for i in members], dtype=np.float64
-        )
+        values = np.array([_score_row(clients[i].scores, names) for i in members], np.float64)
         if allowed is not None:
             for row, i in enumerate(members):
                 permitted = allowed[clients[i].name]
@@ -135,6 +134,14 @@ def _knapsack(
                 else _infeasible(c, _m0_reason(c))
             )
     return [a for a in out if a is not None]
+
+
+def _score_row(scores: Mapping[str, float], names: Sequence[str]) -> Sequence[float]:
+    """``scores`` in ``names`` order, 0 where missing: one C-level lookup per name."""
+    try:
+        return operator.itemgetter(*names)(scores) if len(names) > 1 else [scores[names[0]]]
+    except KeyError:
+        return [scores.get(n, 0.0) for n in names]
 
 
 def _shuffled(names: Sequence[str], rng: random.Random) -> list[str]:
