@@ -576,7 +576,12 @@ def sim_setting(
                 VirtualClient(f"worker{i:03d}", f, b)
                 for i, (f, b) in enumerate(zip(files, budgets, strict=True))
             ]
-            options = SimOptions(**method.sim, probe_examples=config.probe_examples, loss_batches=1)
+            options = SimOptions(
+                **method.sim,
+                probe_examples=config.probe_examples,
+                loss_batches=1,
+                skip_empty_rounds=True,
+            )
             sim = Simulation(spec, clients, evaluator=evaluator, options=options, cache=cache)
             start = time.monotonic()
             state = "done"
@@ -584,7 +589,8 @@ def sim_setting(
             def shout(r: Any, method: Method = method, seed: int = seed) -> None:
                 progress.print(
                     f"[{name} seed {seed}] {method.name} round {r.number}: accuracy "
-                    f"{r.eval_accuracy}, train loss {r.loss_before:.3f} -> {r.loss_after:.3f}, "
+                    f"{r.eval_accuracy if r.eval_accuracy is None else round(r.eval_accuracy, 3)}, "
+                    f"train loss {r.loss_before:.3f} -> {r.loss_after:.3f}, "
                     f"{len(r.modules)} updates, {r.seconds:.1f} s"
                 )
 
@@ -629,6 +635,7 @@ def sim_result(result: Any) -> dict[str, Any]:
             "workers_per_round": 0.0,
             "train_seconds": 0.0,
             "train_loss": [],
+            "empty_rounds": 0,
         }
     acc = result.accuracy
     modules = [len(m) for r in result.rounds for m in r.modules.values()]
@@ -642,6 +649,7 @@ def sim_result(result: Any) -> dict[str, Any]:
         "violations_predicted": result.violations_predicted,
         "violations_measured": result.violations_measured,
         "assigned_tasks": tasks,
+        "empty_rounds": sum(not r.modules for r in result.rounds),
         "mean_modules": round(float(np.mean(modules)), 2) if modules else 0.0,
         "workers_per_round": round(tasks / max(1, len(result.rounds)), 2),
         "train_seconds": round(sum(r.seconds for r in result.rounds), 1),

@@ -85,6 +85,10 @@ class SimOptions:
     """Batches for the reported local loss before/after (None: all, as the worker)."""
     measure_peak: bool = False
     """Measure each client's training peak (the worker does; costs one profiled step)."""
+    skip_empty_rounds: bool = False
+    """A round whose sampled clients can train nothing keeps the global adapter and goes
+    on (Exclusive when no full-budget client was drawn). False: the run fails, as a
+    coordinator job does."""
 
     def __post_init__(self) -> None:
         if self.rank_baseline is not None and self.rank_baseline not in RANK_BASELINES:
@@ -351,6 +355,8 @@ class Simulation:
             weighted[1] += trained.loss_after * trained.num_samples
             weighted[2] += trained.num_samples
         if not updates:
+            if options.skip_empty_rounds:
+                return record, adapter, stats
             raise RuntimeError(f"round {number}: no client could train any module")
         if not options.fresh_scores:
             history.append(uploaded)
@@ -409,6 +415,8 @@ class Simulation:
             weighted[1] += trained.loss_after * trained.num_samples
             weighted[2] += trained.num_samples
         if not updates:
+            if options.skip_empty_rounds:
+                return record, adapter
             raise RuntimeError(f"round {number}: no client can train every module at rank 1")
         ordered = fixed_order(updates, key=lambda u: u.client)
         merge = aggregate_hetlora if options.rank_baseline == "hetlora" else aggregate_flexlora
