@@ -219,7 +219,8 @@ def product_changes(pairs: list[tuple[Module, Module]]) -> list[tuple[float, flo
 
     def traces(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """trace(X_k Y_k) for each k, as sum(X * Y^T), in float64."""
-        return (x.astype(np.float64) * y.transpose(0, 2, 1).astype(np.float64)).sum(axis=(1, 2))
+        product = x.astype(np.float64) * y.transpose(0, 2, 1).astype(np.float64)
+        return np.asarray(product.sum(axis=(1, 2)))
 
     for idx in groups.values():
         a0, a1 = stack(0, LORA_A, idx), stack(1, LORA_A, idx)
@@ -421,7 +422,7 @@ class Aggregator:
         # then look tensor by tensor, to name the culprit or clear an overflow.
         if not update.finite and any(not np.isfinite(src.sum()) for _, src in runs):
             self._require_finite(update, keys)
-        products = {}
+        products: dict[str, Module] = {}
         for name, parts in update.modules.items():
             if self._exact(parts):
                 if not update.finite:
@@ -452,7 +453,7 @@ class Aggregator:
                 if not np.isfinite(values[offset : offset + size]).all():
                     module, _, part = key.rpartition(SEPARATOR)
                     raise UpdateError(f"{where}, module {module!r}, {part}: contains NaN or Inf")
-        products = {
+        products: dict[str, Module] = {
             name: {part: values[o : o + int(np.prod(sh))].reshape(sh) for part, (o, sh) in parts}
             for name, parts in plan.exact
         }
