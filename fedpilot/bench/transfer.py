@@ -301,6 +301,68 @@ def _poll(client: Any, kind: int) -> coordinator_pb2.Task:
     raise RuntimeError("the coordinator offered no task")
 
 
+def _seconds(fn: Any, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def breakdown(tensors: dict[str, np.ndarray], work_dir: Path) -> dict[str, Any]:
+    """What each guarantee costs per byte here, one component at a time, in this process:
+    the ceiling the real path cannot beat without removing or overlapping the work."""
+    from fedpilot.wire.payload import EncodedPayload, decode_tensors
+
+    payload = EncodedPayload(tensors)
+    data = payload.to_bytes()
+    chunks = list(payload.chunks())
+    nbytes = len(data)
+    path = work_dir / "breakdown.bin"
+
+    def write() -> None:
+        with path.open("wb") as f:
+            for c in chunks:
+                f.write(c)
+
+    def fsync() -> None:
+        with path.open("rb+") as f:
+            os.fsync(f.fileno())
+
+    def build_messages() -> None:
+        for c in chunks:
+            transfer_pb2.UploadUpdateRequest(data=c).SerializeToString()
+
+    wire = [transfer_pb2.UploadUpdateRequest(data=c).SerializeToString() for c in chunks]
+
+    def parse_messages() -> None:
+        for w in wire:
+            _ = transfer_pb2.UploadUpdateRequest.FromString(w).data
+
+    import hashlib
+
+    seconds = {
+        "sha256": _seconds(lambda: hashlib.sha256(data).hexdigest()),
+        "encode_with_sha256": _seconds(lambda: EncodedPayload(tensors)),
+        "proto_build_and_serialize": _seconds(build_messages),
+        "proto_parse": _seconds(parse_messages),
+        "decode_and_finite_scan": _seconds(
+            lambda: [np.isfinite(x).all() for x in decode_tensors(data).values()]
+        ),
+        "file_write": _seconds(write),
+    }
+    write()
+    seconds["fsync_after_write"] = _seconds(fsync, repeats=1)
+    path.unlink()
+    return {
+        "bench": "transfer_breakdown",
+        "bytes": nbytes,
+        **{f"{k}_s": round(v, 4) for k, v in seconds.items()},
+        **{f"{k}_mb_per_s": round(nbytes / v / 1e6, 1) for k, v in seconds.items()},
+    }
+
+
 def _best(runs: list[dict[str, float]]) -> dict[str, float]:
     return {d: max(r[d] for r in runs) for d in ("upload", "download")}
 
@@ -327,6 +389,7 @@ def run(size_mib: int = 256, repeats: int = 3) -> Iterator[dict[str, Any]]:
                 bare.append(_grpc_rates(g_port, nbytes))
                 tcp.append(_tcp_rates(t_port, nbytes))
             peak = _vm_hwm(real.pid)
+            parts = breakdown(real.update, Path(tmp))
         finally:
             real.client.close()
             grpc_proc.kill()
@@ -350,6 +413,7 @@ def run(size_mib: int = 256, repeats: int = 3) -> Iterator[dict[str, Any]]:
             "coordinator_anon_growth_bytes": real.transfer_growth,
             "coordinator_peak_rss_with_aggregation_bytes": peak,
         }
+    yield parts
 
 
 if __name__ == "__main__":
