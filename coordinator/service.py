@@ -164,6 +164,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._manifests: dict[str, transfer_pb2.PayloadManifest] = {}
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
         self._bounds: dict[str, AdapterBounds] = {}
+        self._specs: dict[str, JobSpec] = {}
         metrics.WORKERS.limit = settings.metrics_max_workers
 
     # -- helpers -----------------------------------------------------------------------------
@@ -221,14 +222,27 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         assert task is not None
         return task
 
+    def _spec(self, job_id: str) -> JobSpec | None:
+        """A job's parsed spec, cached: a spec never changes after submission, and parsing
+        it on every poll, download and upload cost more than the RPC itself at 500 workers."""
+        spec = self._specs.get(job_id)
+        if spec is None:
+            job = self.store.job(job_id)
+            if job is None:
+                return None
+            spec = JobSpec.model_validate(job.spec)
+            if len(self._specs) >= 1024:
+                self._specs.clear()
+            self._specs[job_id] = spec
+        return spec
+
     def _adapter_bounds(self, job_id: str) -> AdapterBounds:
         """What the job's model and spec allow an adapter to be (fixed for the job)."""
         bounds = self._bounds.get(job_id)
         if bounds is None:
-            job = self.store.job(job_id)
-            if job is None:
+            spec = self._spec(job_id)
+            if spec is None:
                 raise _error(errors_pb2.ERROR_REASON_UNKNOWN_JOB, "unknown job", "job_id")
-            spec = JobSpec.model_validate(job.spec)
             bounds = AdapterBounds(
                 rank=spec.lora.rank,
                 target_modules=tuple(spec.lora.target_modules),
@@ -390,9 +404,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 epoch = self.signals.wait_for_tasks(seen, min(remaining, 1.0))
 
     def _task_message(self, task: Task) -> coordinator_pb2.Task:
-        job = self.store.job(task.job_id)
-        assert job is not None
-        spec = JobSpec.model_validate(job.spec)
+        spec = self._spec(task.job_id)
+        assert spec is not None
         rnd = self.store.round(task.job_id, task.round)
         deadline_ms = int(rnd.deadline_at.timestamp() * 1000) if rnd and rnd.deadline_at else 0
         return coordinator_pb2.Task(
@@ -430,8 +443,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> Iterator[transfer_pb2.AdapterChunk]:
         worker = self._worker(context, request.worker_id)
         version = self.store.version(request.job_id, request.version)
-        job = self.store.job(request.job_id)
-        if version is None or job is None:
+        spec = self._spec(request.job_id) if version is not None else None
+        if version is None or spec is None:
             self._reject(
                 context,
                 _error(
@@ -442,8 +455,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 job_id=request.job_id,
                 worker_id=worker.id,
             )
-        assert version is not None and job is not None
-        spec = JobSpec.model_validate(job.spec)
+        assert version is not None and spec is not None
         payload = self._manifests.get(version.sha256)
         if payload is None:  # a version never changes: describe it once, not per download
             with self.blobs.mapped(version.sha256) as data:
@@ -453,7 +465,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             self._manifests[version.sha256] = payload
         yield transfer_pb2.AdapterChunk(
             manifest=transfer_pb2.AdapterManifest(
-                job_id=job.id,
+                job_id=version.job_id,
                 version=version.version,
                 payload=payload,
                 lora_rank=spec.lora.rank,
@@ -490,16 +502,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             _check_update_fields(m, self.settings.max_profile_modules)
             task = self._upload_task(worker, m)
-            existing = [
-                u for u in self.store.updates(task.job_id, task.round) if u.worker_id == worker.id
-            ]
-            if existing:
+            existing = self.store.update_of(task.job_id, task.round, worker.id)
+            if existing is not None:
                 # Idempotent, even after the round closed: a retried upload counts once.
                 for _ in request_iterator:
                     pass
                 metrics.DUPLICATE_UPLOADS.inc()
                 return coordinator_pb2.UploadUpdateResponse(
-                    update_id=str(existing[0].id), duplicate=True
+                    update_id=str(existing.id), duplicate=True
                 )
             self._require_open_round(task)
             self._check_manifest(task, m)
@@ -631,9 +641,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 f"assigned tensors missing from the upload: {missing[:5]}",
                 "manifest.tensors",
             )
-        job = self.store.job(task.job_id)
-        payload = JobSpec.model_validate(job.spec).payload_dtype if job else "float32"
-        wanted = wire_dtype(payload)
+        spec = self._spec(task.job_id)
+        wanted = wire_dtype(spec.payload_dtype if spec else "float32")
         for name, spec in declared.items():
             if list(spec.shape) != list(expected[name]):
                 raise _error(

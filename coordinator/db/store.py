@@ -564,6 +564,16 @@ class Store:
             return UpdateRecord(existing.id, True)
 
     @retrying
+    def update_of(self, job_id: str, number: int, worker_id: str) -> Update | None:
+        """One worker's update of a round, if it sent one (one indexed row, not the round's)."""
+        with self.session() as s:
+            return s.scalar(
+                select(Update).where(
+                    Update.job_id == job_id, Update.round == number, Update.worker_id == worker_id
+                )
+            )
+
+    @retrying
     def updates(self, job_id: str, number: int) -> list[Update]:
         with self.session() as s:
             return list(
