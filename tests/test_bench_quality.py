@@ -139,3 +139,31 @@ def test_sim_only_methods_are_refused_on_the_cluster(tmp_path: Path, tiny_dir: P
     result = _bench(tmp_path, tiny_dir, "--engine", "cluster", "--method", "hetlora")
     assert result.returncode != 0
     assert "simulator only" in result.stdout + result.stderr
+
+
+def test_the_report_says_when_the_bound_was_still_rising_or_beaten() -> None:
+    from fedpilot.bench.stats import above_bound, still_rising
+    from fedpilot.bench.quality import ordered_summary
+
+    def run(method: str, seed: int, curve: list[float]) -> dict:
+        return {
+            "setting": "s",
+            "method": method,
+            "kind": "bound" if method == "unconstrained" else "paper",
+            "seed": seed,
+            "accuracy": curve,
+            "final_accuracy": curve[-1],
+            "best_accuracy": max(curve),
+            "violations": 0,
+            "state": "done",
+            "wall_s": 1.0,
+        }
+
+    rising = [run("unconstrained", k, [0.1, 0.2, 0.3, 0.4, 0.5]) for k in (0, 1)]
+    flat = [run("unconstrained", k, [0.1, 0.5, 0.5, 0.51, 0.5]) for k in (0, 1)]
+    assert still_rising(rising, "s") == pytest.approx(0.3)
+    assert still_rising(flat, "s") is None
+    beaten = flat + [run("fedpilot", k, [0.2, 0.6]) for k in (0, 1)]
+    assert above_bound(ordered_summary(beaten), "s") == ["fedpilot"]
+    assert above_bound(ordered_summary(rising + beaten[2:]), "s") == ["fedpilot"]
+    assert above_bound(ordered_summary(flat), "s") == []

@@ -839,7 +839,7 @@ def summary_cells(s: Mapping[str, Any]) -> list[str]:
 
 
 def markdown(rows: list[dict[str, Any]], target: float, config: QualityConfig) -> str:
-    from fedpilot.bench.stats import learned
+    from fedpilot.bench.stats import above_bound, learned, still_rising
 
     summary = ordered_summary(rows)
     classes = int(rows[0].get("classes", config.classes)) if rows else config.classes
@@ -865,6 +865,21 @@ def markdown(rows: list[dict[str, Any]], target: float, config: QualityConfig) -
                 f"({chance:.3f}); its methods are not ranked.**"
             )
             lines.append("")
+        rising = still_rising(rows, setting)
+        if rising is not None:
+            lines += [
+                f"{setting}: the unconstrained bound was still rising (+{rising:.3f} over its "
+                "last 3 rounds): more rounds would change the numbers.",
+                "",
+            ]
+        over = above_bound(summary, setting)
+        if over:
+            lines += [
+                f"{setting}: above the unconstrained bound on average: {', '.join(over)} "
+                "(the bound trains every module on every client, but only in expectation "
+                "is it best).",
+                "",
+            ]
     lines += [
         "| " + " | ".join(SUMMARY_COLUMNS) + " |",
         "| " + " | ".join("---" for _ in SUMMARY_COLUMNS) + " |",

@@ -117,6 +117,40 @@ def learned(summary: Sequence[Mapping[str, Any]], setting: str, chance: float) -
     return False
 
 
+def still_rising(
+    rows: Sequence[Mapping[str, Any]], setting: str, window: int = 3, slack: float = 0.02
+) -> float | None:
+    """The unconstrained bound's mean gain over its last ``window`` rounds in ``setting``
+    when it exceeds ``slack`` (the protocol stopped before the bound plateaued), else None."""
+    curves = [
+        r["accuracy"]
+        for r in rows
+        if r.get("setting") == setting
+        and r.get("method") == "unconstrained"
+        and len(r.get("accuracy") or []) > window
+    ]
+    if not curves:
+        return None
+    gain = sum(c[-1] - c[-1 - window] for c in curves) / len(curves)
+    return gain if gain > slack else None
+
+
+def above_bound(summary: Sequence[Mapping[str, Any]], setting: str) -> list[str]:
+    """Constrained methods whose mean final accuracy exceeds the unconstrained bound's:
+    the bound is only an upper bound in expectation, so say where it was not one."""
+    bound = [s for s in summary if s["setting"] == setting and s["method"] == "unconstrained"]
+    if not bound:
+        return []
+    top = float(bound[0]["final"].mean)
+    return [
+        s["method"]
+        for s in summary
+        if s["setting"] == setting
+        and s["method"] != "unconstrained"
+        and float(s["final"].mean) > top
+    ]
+
+
 def as_json(entry: Mapping[str, Any]) -> dict[str, Any]:
     """A summary entry with its estimates as plain numbers."""
 
