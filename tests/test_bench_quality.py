@@ -142,8 +142,8 @@ def test_sim_only_methods_are_refused_on_the_cluster(tmp_path: Path, tiny_dir: P
 
 
 def test_the_report_says_when_the_bound_was_still_rising_or_beaten() -> None:
-    from fedpilot.bench.stats import above_bound, still_rising
     from fedpilot.bench.quality import ordered_summary
+    from fedpilot.bench.stats import above_bound, still_rising
 
     def run(method: str, seed: int, curve: list[float]) -> dict:
         return {
