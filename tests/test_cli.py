@@ -125,12 +125,18 @@ def test_bench_aggregate_prints_throughput_against_memcpy() -> None:
 def test_bench_transfer_compares_the_real_path_with_grpc_and_tcp() -> None:
     result = fedpilot("bench", "transfer", "--size-mib", "8")
     assert result.returncode == 0, result.stderr
-    rows = _json_lines(result.stdout)
+    lines = _json_lines(result.stdout)
+    rows = [r for r in lines if r["bench"] == "transfer"]
     assert {r["direction"] for r in rows} == {"upload", "download"}
     for r in rows:
-        assert r["bench"] == "transfer" and r["bytes"] == 8 * 2**20
+        assert r["bytes"] == 8 * 2**20
         assert r["mb_per_s"] > 0 and r["ratio_to_grpc"] > 0 and r["ratio_to_tcp"] > 0
         assert r["coordinator_peak_rss_bytes"] > 0
+    (parts,) = [r for r in lines if r["bench"] == "transfer_breakdown"]
+    # Every guarantee's cost is reported for the same payload (header included).
+    assert parts["bytes"] > 8 * 2**20
+    for part in ("sha256", "file_write", "decode_and_finite_scan", "proto_parse"):
+        assert parts[f"{part}_s"] > 0 and parts[f"{part}_mb_per_s"] > 0
 
 
 # -- a worker refusing its tasks, as the operator sees it ------------------------------------
