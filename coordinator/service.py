@@ -641,8 +641,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 f"assigned tensors missing from the upload: {missing[:5]}",
                 "manifest.tensors",
             )
-        spec = self._spec(task.job_id)
-        wanted = wire_dtype(spec.payload_dtype if spec else "float32")
+        job_spec = self._spec(task.job_id)
+        wanted = wire_dtype(job_spec.payload_dtype if job_spec else "float32")
         for name, spec in declared.items():
             if list(spec.shape) != list(expected[name]):
                 raise _error(

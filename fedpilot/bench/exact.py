@@ -40,36 +40,37 @@ def _client(rng: np.random.Generator, shared: tuple[np.ndarray, np.ndarray], noi
     }
 
 
+def _samples(clients: int) -> list[int]:
+    """Each client's sample count: unequal, so the mean is weighted."""
+    return [10 + i for i in range(clients)]
+
+
 def _merge(
     current: dict[str, np.ndarray], clients: list[dict[str, np.ndarray]], stacked: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     held = ProductSum(current, stacked=stacked)
-    for i, c in enumerate(clients):
-        held.add(c, 10 + i)
-    a, b, _, _ = held.merge(0.0, 1.0 / sum(10 + i for i in range(len(clients))))
+    counts = _samples(len(clients))
+    for c, n in zip(clients, counts, strict=True):
+        held.add(c, n)
+    a, b, _, _ = held.merge(0.0, 1.0 / sum(counts))
     return a, b
 
 
-def _exact_error(
-    current: dict[str, np.ndarray],
-    clients: list[dict[str, np.ndarray]],
-    a: np.ndarray,
-    b: np.ndarray,
-) -> float:
-    """``||B A - T_r(W')||_F / ||T_r(W')||_F`` with ``T_r`` the exact truncation (float64)."""
+def _exact_truncation(clients: list[dict[str, np.ndarray]], rank: int) -> np.ndarray:
+    """``T_r(W')``: the weighted mean of the products truncated to ``rank`` in float64."""
     from scipy.sparse.linalg import svds
 
-    total = sum(10 + i for i in range(len(clients)))
-    w = (
-        sum(
-            (10 + i) * c[LORA_B].astype(np.float64) @ c[LORA_A].astype(np.float64)
-            for i, c in enumerate(clients)
-        )
-        / total
-    )
-    r = current[LORA_A].shape[0]
-    u, s, vt = svds(w, k=r, tol=1e-12, random_state=0)
-    truth = (u * s) @ vt
+    counts = _samples(len(clients))
+    w = sum(
+        n * c[LORA_B].astype(np.float64) @ c[LORA_A].astype(np.float64)
+        for c, n in zip(clients, counts, strict=True)
+    ) / sum(counts)
+    u, s, vt = svds(w, k=rank, tol=1e-12, random_state=0)
+    return np.asarray((u * s) @ vt)
+
+
+def _error(truth: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """``||B A - T_r(W')||_F / ||T_r(W')||_F``."""
     got = b.astype(np.float64) @ a.astype(np.float64)
     return float(np.linalg.norm(got - truth) / np.linalg.norm(truth))
 
@@ -97,6 +98,7 @@ def run(
             )
             current = {LORA_A: shared[1].copy(), LORA_B: np.zeros((out, rank), np.float32)}
             clients = [_client(rng, shared, noise) for _ in range(n_clients)]
+            truth = _exact_truncation(clients, rank)
             for way in ("stacked", "dense"):
                 start = time.perf_counter()
                 a, b = _merge(current, clients, way == "stacked")
@@ -105,7 +107,7 @@ def run(
                 _merge(current, clients, way == "stacked")
                 peaks[way] = max(peaks[way], tracemalloc.get_traced_memory()[1])
                 tracemalloc.stop()
-                errors[way] = max(errors[way], _exact_error(current, clients, a, b))
+                errors[way] = max(errors[way], _error(truth, a, b))
         for way in ("stacked", "dense"):
             row[f"{way}_s"] = round(seconds[way], 4)
             row[f"{way}_peak_bytes"] = peaks[way]

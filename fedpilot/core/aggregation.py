@@ -133,16 +133,6 @@ class Packed:
     def layout(self) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
         return self.keys, self.shapes
 
-    def unpack(self) -> dict[str, dict[str, np.ndarray]]:
-        """Module views into ``values`` (no copy)."""
-        out: dict[str, np.ndarray] = {}
-        offset = 0
-        for key, shape in zip(self.keys, self.shapes, strict=True):
-            size = int(np.prod(shape, dtype=np.int64))
-            out[key] = self.values[offset : offset + size].reshape(shape)
-            offset += size
-        return unflatten(out)
-
 
 @dataclass(frozen=True)
 class ClientUpdate:
@@ -158,11 +148,6 @@ class ClientUpdate:
     finite: bool = False
     """The values were already checked finite (the payload receiver does), so the
     aggregator does not scan them again."""
-
-    def module_names(self) -> list[str]:
-        if self.packed is None:
-            return list(self.modules)
-        return list(dict.fromkeys(k.rpartition(SEPARATOR)[0] for k in self.packed.keys))
 
 
 @dataclass(frozen=True)
@@ -192,13 +177,9 @@ def product(module: Module) -> np.ndarray:
     return out
 
 
-def product_change(before: Module, after: Module) -> tuple[float, float]:
-    """``||B'A' - BA||_F^2`` and ``||B'A'||_F^2`` without forming either product."""
-    return product_changes([(before, after)])[0]
-
-
 def product_changes(pairs: list[tuple[Module, Module]]) -> list[tuple[float, float]]:
-    """:func:`product_change` of many (before, after) LoRA modules at once.
+    """``||B'A' - BA||_F^2`` and ``||B'A'||_F^2`` of many (before, after) LoRA modules,
+    without forming any product.
 
     Only rank x rank Gram matrices are formed (``<B1 A1, B2 A2>_F =
     trace((B1^T B2)(A2 A1^T))``), so scoring a 4096 x 4096 module costs
@@ -708,7 +689,6 @@ class ProductSum:
         self._a: list[np.ndarray] = [a0]
         self._width = self.rank
         self._dense: np.ndarray | None = None if stacked else np.zeros(self._shape, self.dtype)
-        self._w0 = (b0, a0)
 
     @property
     def dense(self) -> bool:
@@ -732,7 +712,7 @@ class ProductSum:
     def merge(self, keep: float, scale: float) -> tuple[np.ndarray, np.ndarray, float, float]:
         """Factors ``(A, B)`` of the rank-``r`` truncation of ``W' = keep W0 + scale S``,
         with ``||W' - W0||_F^2`` and ``||W'||_F^2``. ``A`` has orthonormal rows."""
-        b0, a0 = self._w0
+        b0, a0 = self._b[0], self._a[0]
         if self._dense is not None:
             w = b0 @ a0
             new_w = keep * w + scale * self._dense

@@ -139,7 +139,8 @@ def _knapsack(
 def _score_row(scores: Mapping[str, float], names: Sequence[str]) -> Sequence[float]:
     """``scores`` in ``names`` order, 0 where missing: one C-level lookup per name."""
     try:
-        return operator.itemgetter(*names)(scores) if len(names) > 1 else [scores[names[0]]]
+        # itemgetter of one name returns a value, not a tuple
+        return operator.itemgetter(*names)(scores) if len(names) > 1 else [scores[n] for n in names]
     except KeyError:
         return [scores.get(n, 0.0) for n in names]
 

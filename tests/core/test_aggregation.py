@@ -231,6 +231,16 @@ def test_refactorise_of_a_large_low_rank_matrix_is_exact() -> None:
     np.testing.assert_allclose(a[:6] @ a[:6].T, np.eye(6), atol=1e-4)
 
 
+def _assert_same_modules(got, expected, **tolerance) -> None:
+    """Every tensor of ``expected`` equal in ``got`` (to ``tolerance`` when given)."""
+    for name, parts in expected.items():
+        for part, x in parts.items():
+            if tolerance:
+                np.testing.assert_allclose(got[name][part], x, **tolerance)
+            else:
+                np.testing.assert_array_equal(got[name][part], x)
+
+
 def _received(modules):
     """The same modules as views into one decoded payload (adjacent in memory)."""
     from fedpilot.core.aggregation import flatten, unflatten
@@ -252,9 +262,7 @@ def test_updates_backed_by_one_payload_aggregate_like_separate_arrays() -> None:
     keys = sorted(((m, p) for m in packed[0].modules for p in g[m]), key=lambda k: f"{k[0]}/{k[1]}")
     assert len(agg._runs(packed[0], keys)) == 2
     expected, result = aggregate(g, plain, {}, 1), aggregate(g, packed, {}, 1)
-    for name in g:
-        for part in g[name]:
-            np.testing.assert_array_equal(result.modules[name][part], expected.modules[name][part])
+    _assert_same_modules(result.modules, expected.modules)
 
 
 def test_nan_inside_a_payload_backed_update_is_named_and_changes_nothing() -> None:
@@ -322,11 +330,7 @@ def test_packed_updates_aggregate_like_module_dicts(merge, dtype) -> None:
     expected = aggregate(g, plain, {}, 2, merge=merge)
     result = aggregate(g, packed, {}, 2, merge=merge)
     assert result.weights == expected.weights and result.stats == expected.stats
-    for name in g:
-        for part in g[name]:
-            np.testing.assert_allclose(
-                result.modules[name][part], expected.modules[name][part], rtol=1e-6, atol=1e-7
-            )
+    _assert_same_modules(result.modules, expected.modules, rtol=1e-6, atol=1e-7)
 
 
 def test_a_packed_layout_is_checked_once_and_reused() -> None:
@@ -398,10 +402,7 @@ def test_folding_over_threads_gives_the_same_bits() -> None:
             agg.add(u)
         return agg.result().modules
 
-    one, three = run(1), run(3)
-    for name in g:
-        for part in g[name]:
-            assert np.array_equal(one[name][part], three[name][part])
+    _assert_same_modules(run(3), run(1))
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-4])

@@ -1,3 +1,4 @@
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -94,3 +95,18 @@ def test_fedra_takes_whole_layers_in_an_order_redrawn_each_round() -> None:
         for layer in layers:  # a layer goes in whole
             assert {f"{layer}.q", f"{layer}.v"} <= set(chosen)
     assert len(draws) > 1
+
+
+@pytest.mark.parametrize(
+    ("scores", "names", "row"),
+    [
+        ({"a": 0.5, "b": 0.25}, ["b", "a"], [0.25, 0.5]),
+        ({"a": 0.5}, ["a"], [0.5]),
+        ({"a": 0.5}, ["a", "missing"], [0.5, 0.0]),
+        ({}, [], []),
+    ],
+)
+def test_score_rows_follow_the_module_order_with_zero_for_missing(scores, names, row) -> None:
+    from fedpilot.core.strategies import _score_row
+
+    assert list(_score_row(scores, names)) == row
