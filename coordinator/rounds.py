@@ -17,7 +17,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -80,6 +80,9 @@ class RoundDriver:
         """When the last loop of :meth:`run` ended (health checks read it)."""
         self.errors = 0
         """Loops that failed and were carried on."""
+        self.started_at = utcnow()
+        """Heartbeats sent while this coordinator was down were never received; see
+        :meth:`_any_holder_alive`."""
 
     def run(self, stop: threading.Event) -> None:
         """Tick until stopped. A failing tick is logged and counted, never fatal: one bad
@@ -124,6 +127,19 @@ class RoundDriver:
             "evaluating": self._evaluating,
         }[job.state]
         step(job, spec)
+
+    def _any_holder_alive(self, open_tasks: Sequence[Task]) -> bool:
+        """Whether any worker holding one of ``open_tasks`` still counts as alive.
+
+        For two heartbeat timeouts after this coordinator (re)started, every holder does
+        (one to reconnect, its channel backoff is capped at 4 s, and one to be heard): a
+        worker that kept its task through the restart is backing off, and judging it by
+        the silence while nobody was listening would close its round without it."""
+        timeout = self.settings.heartbeat_timeout_s
+        if utcnow() < self.started_at + timedelta(seconds=2 * timeout):
+            return True
+        alive = {w.id for w in self.store.alive_workers(timeout)}
+        return any(t.worker_id in alive for t in open_tasks)
 
     def _notify(self) -> None:
         self.signals.tasks_created()
@@ -182,8 +198,7 @@ class RoundDriver:
         tasks = self.store.tasks(job.id, number, "profile")
         pending = [t for t in tasks if t.status == "offered"]
         if pending and utcnow() < rnd.deadline_at:
-            alive = {w.id for w in self.store.alive_workers(self.settings.heartbeat_timeout_s)}
-            if any(t.worker_id in alive for t in pending):
+            if self._any_holder_alive(pending):
                 return  # a worker that died while profiling need not hold the round
         for t in pending:
             self.store.set_task_status(t.id, "straggler", "no profile before the deadline")
@@ -319,8 +334,7 @@ class RoundDriver:
             # must not hold everyone until the deadline.
             if len(done) < quorum:
                 return
-            alive = {w.id for w in self.store.alive_workers(self.settings.heartbeat_timeout_s)}
-            if any(t.worker_id in alive for t in offered):
+            if self._any_holder_alive(offered):
                 return
         if offered and len(done) < quorum:
             grace = rnd.deadline_at + timedelta(seconds=spec.round_deadline_s)

@@ -235,9 +235,8 @@ def test_worker_killed_mid_training_is_a_straggler_and_rejoins_after_restart(
         def b_training() -> tuple[str, int] | None:
             job = store.job(job_id)
             assert job is not None
-            names = _names(store)
-            for worker in store.workers():
-                if names[worker.id] != "b" or worker.state != "training":
+            for worker in store.workers():  # one read: a worker may register meanwhile
+                if worker.name != "b" or worker.state != "training":
                     continue
                 for task in store.tasks(job_id, job.current_round, "train"):
                     if task.id == worker.current_task and task.status == "offered":

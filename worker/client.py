@@ -32,6 +32,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MESSAGE_LIMIT),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # gRPC's own reconnect backoff grows to 120 s by default: a worker would then stay
+    # silent long after a restarted coordinator is back and be judged dead.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 4_000),
 ]
 
 
