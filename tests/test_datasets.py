@@ -1,0 +1,28 @@
+"""The bundled datasets load through the worker's own reader, with their licences."""
+
+from __future__ import annotations
+
+from fedpilot.bench.quality import load_split
+from fedpilot.datasets import BUNDLED_SPAMASSASSIN
+from fedpilot.worker.data import load_csv
+
+
+def test_spamassassin_is_two_labelled_classes_with_its_licence() -> None:
+    data = load_csv(BUNDLED_SPAMASSASSIN)
+    assert sorted(data.label_names) == ["ham", "spam"]
+    assert len(data.texts) == 5838
+    assert all(text.strip() for text in data.texts)
+    assert len(set(data.texts)) == len(data.texts)
+    assert sum(data.labels) in (1739, 4099)  # spam's count, whichever id it got
+    licence = (BUNDLED_SPAMASSASSIN.parent / "LICENSE").read_text()
+    assert "PDDL" in licence and "CC0" in licence
+
+
+def test_the_bench_splits_spamassassin_without_overlap() -> None:
+    train_x, train_y, eval_x, eval_y, names = load_split(
+        BUNDLED_SPAMASSASSIN, classes=2, per_class=400, eval_per_class=100, seed=3
+    )
+    assert names == ["ham", "spam"]
+    assert len(train_x) == 800 and len(eval_x) == 200
+    assert sorted(set(train_y)) == [0, 1] and eval_y.count(1) == 100
+    assert not set(train_x) & set(eval_x)
