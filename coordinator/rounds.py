@@ -197,9 +197,8 @@ class RoundDriver:
         assert rnd is not None
         tasks = self.store.tasks(job.id, number, "profile")
         pending = [t for t in tasks if t.status == "offered"]
-        if pending and utcnow() < rnd.deadline_at:
-            if self._any_holder_alive(pending):
-                return  # a worker that died while profiling need not hold the round
+        if pending and utcnow() < rnd.deadline_at and self._any_holder_alive(pending):
+            return  # a worker that died while profiling need not hold the round
         for t in pending:
             self.store.set_task_status(t.id, "straggler", "no profile before the deadline")
         profiles = self.store.profiles(job.id)
