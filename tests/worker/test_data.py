@@ -77,6 +77,7 @@ def test_csv_with_a_byte_order_mark_and_blank_jsonl_lines(tmp_path) -> None:
 
 def test_a_dataset_saved_to_disk(tmp_path) -> None:
     import datasets  # a dependency of the worker extra: never skipped
+
     texts, names = [t for t, _ in ROWS], [y for _, y in ROWS]
 
     plain = datasets.Dataset.from_dict({"sentence": texts, "category": names})
@@ -103,6 +104,7 @@ def test_a_dataset_saved_to_disk(tmp_path) -> None:
 
 def test_saved_dataset_problems_are_named(tmp_path) -> None:
     import datasets  # a dependency of the worker extra: never skipped
+
     ds = datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["card", "refund"]})
     datasets.DatasetDict({"a": ds, "b": ds}).save_to_disk(str(tmp_path / "two"))
     with pytest.raises(DataError, match=r"splits \['a', 'b'\] and none named 'train'"):

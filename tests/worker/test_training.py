@@ -1,6 +1,5 @@
 """Local training: only assigned modules move, the loss drops, on a tiny and the real model."""
 
-
 import numpy as np
 import pytest
 import torch
