@@ -59,6 +59,14 @@ class DwaSpec(BaseModel):
     coverage: Annotated[
         bool, Field(description="Scale the step by the share of the round's samples that trained")
     ] = False
+    staleness: Annotated[
+        float,
+        Field(
+            ge=-4,
+            le=4,
+            description="Exponent of (1 + rounds the module went untrained) on the step.",
+        ),
+    ] = 0.0
 
     def config(self) -> DwaConfig:
         return DwaConfig(
@@ -67,6 +75,7 @@ class DwaSpec(BaseModel):
             eta_max=self.eta_max,
             convex=self.convex,
             coverage=self.coverage,
+            staleness=self.staleness,
         )
 
 

@@ -66,6 +66,8 @@ METHODS: tuple[Method, ...] = (
     Method("forget-scores", "ablation", {}, sim={"keep_scores": False}),
     Method("convex-dwa", "fix", _agg(dwa={"convex": True})),
     Method("coverage", "fix", _agg(dwa={"convex": True, "coverage": True})),
+    Method("stale-boost", "fix", _agg(dwa={"staleness": 0.5})),
+    Method("stale-damp", "fix", _agg(dwa={"staleness": -0.5})),
     Method("exact-merge", "ablation", _agg(merge="exact")),
     Method(
         "fedpilot-fixed",

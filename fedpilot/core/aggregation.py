@@ -12,6 +12,8 @@ Clients send only the modules they trained.
   modules few participants trained: ``convex`` caps ``eta_m`` at 1, and
   ``coverage`` multiplies it by the share of this round's samples whose
   clients trained the module (with ``gamma=0`` that is FedAvg's stale blend).
+  ``staleness`` makes the step depend on how many rounds the module went untrained
+  (a temporal term: positive catches a lagging module up, negative damps it).
 - **FedAvg** (``rule="fedavg"``): the baseline; every participant counts for
   every module, and one that did not train ``m`` contributes the stale global value.
 
@@ -95,6 +97,11 @@ class DwaConfig:
     coverage: bool = False
     """Scale ``eta_m`` by the share of the round's samples that trained the module: a module
     averaged over a few skewed clients moves only as far as their share of the round."""
+    staleness: float = 0.0
+    """Multiply ``eta_m`` by ``(1 + s_m) ** staleness``, ``s_m`` the rounds the module went
+    untrained before this one (clipped with the boost at ``eta_max``). Positive: a module
+    that lagged catches up with the rest of the model; negative: an aggregate arriving
+    after a long gap (from the few clients that could train it) moves it less."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eta <= 10.0:
@@ -103,12 +110,18 @@ class DwaConfig:
             raise ValueError(f"gamma must be in [0, 10], got {self.gamma}")
         if not 1.0 <= self.eta_max <= 100.0:
             raise ValueError(f"eta_max must be in [1, 100], got {self.eta_max}")
+        if not -4.0 <= self.staleness <= 4.0:
+            raise ValueError(f"staleness must be in [-4, 4], got {self.staleness}")
 
-    def step(self, count: int, mean_count: float, share: float = 1.0) -> float:
+    def step(
+        self, count: int, mean_count: float, share: float = 1.0, rounds_stale: int = 0
+    ) -> float:
         """``eta_m`` for a module with ``count`` updates when modules average ``mean_count``;
-        ``share`` is the fraction of the round's samples from clients that trained it."""
+        ``share`` is the fraction of the round's samples from clients that trained it and
+        ``rounds_stale`` the rounds it went untrained before this one."""
         ratio = (mean_count / count) ** self.gamma if count > 0 else self.eta_max
-        step = self.eta * min(max(ratio, 1.0), self.eta_max)
+        ratio = max(ratio, 1.0) * (1.0 + max(rounds_stale, 0)) ** self.staleness
+        step = self.eta * min(ratio, self.eta_max)
         if self.coverage:
             step *= min(max(share, 0.0), 1.0)
         return min(step, 1.0) if self.convex else step
@@ -587,8 +600,10 @@ class Aggregator:
     def result(self) -> AggregationResult:
         """The new global modules and statistics (the inputs are not modified)."""
         stats = dict(self._stats)
+        rounds_stale: dict[str, int] = {}
         for name, contributors in self._samples.items():
             old = stats.get(name, ModuleStats())
+            rounds_stale[name] = max(0, self._round - (old.last_round or 0) - 1)
             stats[name] = replace(
                 old, update_count=old.update_count + len(contributors), last_round=self._round
             )
@@ -612,7 +627,9 @@ class Aggregator:
                 denom = float(sum(contributors.values()))
                 stale = 0.0
                 share = denom / max(1.0, float(self._total_samples))
-                step = self._dwa.step(stats[name].update_count, mean_count, share)
+                step = self._dwa.step(
+                    stats[name].update_count, mean_count, share, rounds_stale[name]
+                )
             weights[name] = {c: n / denom for c, n in contributors.items()}
             if stale > 0:
                 weights[name]["<stale>"] = stale

@@ -1,6 +1,7 @@
-"""The convex and coverage-damped server steps of STAgg."""
+"""The convex, coverage-damped and staleness-aware server steps of STAgg."""
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -93,3 +94,36 @@ def test_coverage_damps_a_module_trained_by_a_small_share() -> None:
     result = aggregate(g, updates, {}, 1, dwa=DwaConfig(gamma=0.0, coverage=True))
     assert result.steps["m"] == 0.1
     assert result.steps["n"] == 0.9
+
+
+def test_staleness_scales_the_step_by_the_rounds_a_module_went_untrained() -> None:
+    # Prepare: round 5; "old" was last trained in round 1 (3 rounds untrained), "recent" in
+    # round 4, "never" not before (4 rounds since the start); gamma 0 leaves only time
+    rng = np.random.default_rng(2)
+    g = {name: _module(rng) for name in ("old", "recent", "never")}
+    stats = {
+        "old": ModuleStats(update_count=4, last_round=1),
+        "recent": ModuleStats(update_count=4, last_round=4),
+    }
+    updates = [ClientUpdate("a", 10, {name: _module(rng) for name in g})]
+
+    # Execute
+    def steps(staleness: float) -> dict[str, float]:
+        dwa = DwaConfig(gamma=0.0, eta_max=4.0, staleness=staleness)
+        return aggregate(g, updates, stats, 5, dwa=dwa).steps
+
+    boost, damp, off = steps(0.5), steps(-0.5), steps(0.0)
+
+    # Assert: (1 + s) ** staleness, capped at eta_max; 0 is the old step
+    assert off == {"old": 1.0, "recent": 1.0, "never": 1.0}
+    assert boost["old"] == 2.0 and boost["recent"] == 1.0
+    assert abs(boost["never"] - 5**0.5) < 1e-12
+    assert damp["old"] == 0.5 and damp["recent"] == 1.0
+    assert steps(2.0)["never"] == 4.0  # 25, capped
+
+
+def test_staleness_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="staleness"):
+        DwaConfig(staleness=float("nan"))
+    with pytest.raises(ValueError, match="staleness"):
+        DwaConfig(staleness=5.0)
