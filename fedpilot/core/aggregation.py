@@ -26,6 +26,7 @@ accumulator per module, so memory does not grow with the number of clients.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -119,8 +120,8 @@ class DwaConfig:
         """``eta_m`` for a module with ``count`` updates when modules average ``mean_count``;
         ``share`` is the fraction of the round's samples from clients that trained it and
         ``rounds_stale`` the rounds it went untrained before this one."""
-        ratio = (mean_count / count) ** self.gamma if count > 0 else self.eta_max
-        ratio = max(ratio, 1.0) * (1.0 + max(rounds_stale, 0)) ** self.staleness
+        boost = math.pow(mean_count / count, self.gamma) if count > 0 else self.eta_max
+        ratio = max(boost, 1.0) * math.pow(1.0 + max(rounds_stale, 0), self.staleness)
         step = self.eta * min(ratio, self.eta_max)
         if self.coverage:
             step *= min(max(share, 0.0), 1.0)
