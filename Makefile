@@ -23,8 +23,8 @@ $(BIN)/.installed: pyproject.toml
 	@$(PIP) --upgrade pip
 	@echo "installing: $(TORCH_SPEC) (the CPU build unless TORCH_SPEC says otherwise)"
 	@$(PIP) $(TORCH_SPEC)
-	@echo "installing: fedpilot (editable) with its worker, bench and dev extras (minutes)"
-	@$(PIP) -e ".[worker,bench,dev]"
+	@echo "installing: fedpilot (editable) with its worker, bench, sim and dev extras (minutes)"
+	@$(PIP) -e ".[worker,bench,sim,dev]"
 	@touch $@
 	@echo "installed: $(BIN)/fedpilot"
 

@@ -25,6 +25,7 @@ DATA_FOLDERS = {
     "coordinator/db/migrations": "fedpilot.coordinator.db.migrations",
     "coordinator/db/migrations/versions": "fedpilot.coordinator.db.migrations.versions",
     "fedpilot/datasets/banking77": "fedpilot.datasets.banking77",
+    "fedpilot/datasets/spamassassin": "fedpilot.datasets.spamassassin",
 }
 WARNINGS = ("Warning:", "would be ignored", "is absent from the `packages`", "deprecated")
 
@@ -53,6 +54,7 @@ def test_the_repository_folders_hold_what_the_services_read() -> None:
     assert {"train.csv", "test.csv", "LICENSE", "README.md"} <= set(
         files["fedpilot.datasets.banking77"]
     )
+    assert {"data.csv", "LICENSE", "README.md"} <= set(files["fedpilot.datasets.spamassassin"])
 
 
 @pytest.fixture(scope="module")

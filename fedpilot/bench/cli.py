@@ -154,6 +154,12 @@ def quality(
     threads: Annotated[
         int, typer.Option(min=0, help="torch threads of the simulator (0: torch's default).")
     ] = 0,
+    ray_actors: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Simulator: client turns on this many Ray actors (0: in this process)."
+        ),
+    ] = 0,
     from_runs: Annotated[
         list[Path] | None,
         typer.Option(help="Run nothing: report the runs in these runs.jsonl files (repeatable)."),
@@ -207,6 +213,7 @@ def quality(
         database_url=database_url,
         engine=engine,
         seeds=seeds,
+        ray_actors=ray_actors,
     )
     if threads:
         import torch

@@ -138,6 +138,9 @@ class QualityConfig:
     eval_max: int = 2000
     """Held-out examples evaluated per round (the coordinator's default cap)."""
     ig_probe_batches: int = 1
+    ray_actors: int = 0
+    """Simulator only: client turns on this many Ray actors (one torch thread each); 0 = in
+    the bench's process."""
 
 
 def quick(config: QualityConfig) -> QualityConfig:
@@ -541,13 +544,33 @@ def sim_setting(
     config: QualityConfig, setting: str, progress: Progress, cache: Any = None
 ) -> Iterator[dict[str, Any]]:
     """Every wanted method and seed of one setting on the simulator, a row per run."""
-    from fedpilot.coordinator.evaluation import HeldOutEvaluator
-    from fedpilot.coordinator.jobspec import JobSpec
-    from fedpilot.sim import ModelCache, SimOptions, Simulation, VirtualClient
+    from fedpilot.sim import ModelCache
+    from fedpilot.sim.runners import InProcess, RayActors, TurnRunner
 
     name, alpha = parse_setting(setting)
     cache = cache or ModelCache()
     wanted = [m for m in METHODS if m.name in config.methods]
+    runner: TurnRunner = RayActors(config.ray_actors) if config.ray_actors else InProcess()
+    try:
+        yield from _sim_seeds(config, name, alpha, wanted, cache, runner, progress)
+    finally:
+        if isinstance(runner, RayActors):
+            runner.close()
+
+
+def _sim_seeds(
+    config: QualityConfig,
+    name: str,
+    alpha: float | None,
+    wanted: list[Method],
+    cache: Any,
+    runner: Any,
+    progress: Progress,
+) -> Iterator[dict[str, Any]]:
+    from fedpilot.coordinator.evaluation import HeldOutEvaluator
+    from fedpilot.coordinator.jobspec import JobSpec
+    from fedpilot.sim import SimOptions, Simulation, VirtualClient
+
     for seed in range(config.seed, config.seed + config.seeds):
         out = (config.out / name / f"seed{seed}").resolve()
         texts, labels, ev_texts, ev_labels, names = load_split(
@@ -584,7 +607,9 @@ def sim_setting(
                 loss_batches=1,
                 skip_empty_rounds=True,
             )
-            sim = Simulation(spec, clients, evaluator=evaluator, options=options, cache=cache)
+            sim = Simulation(
+                spec, clients, evaluator=evaluator, options=options, cache=cache, runner=runner
+            )
             start = time.monotonic()
             state = "done"
 

@@ -33,6 +33,14 @@ def simulate(
         bool, typer.Option(help="Budgets that fit every module (the upper bound).")
     ] = False,
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default).")] = 0,
+    ray_actors: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Client turns on this many Ray actors, one torch thread each (0: in this "
+            "process).",
+        ),
+    ] = 0,
 ) -> None:
     """Run a job on virtual clients in this process, on the workers' and coordinator's code.
 
@@ -48,6 +56,7 @@ def simulate(
     from fedpilot.coordinator.jobspec import JobSpec
     from fedpilot.demo import tier_budgets
     from fedpilot.sim import ModelCache, SimOptions, Simulation, VirtualClient
+    from fedpilot.sim.runners import InProcess, RayActors, TurnRunner
     from fedpilot.worker.data import load_data
 
     console = Console(stderr=True)
@@ -79,12 +88,14 @@ def simulate(
         VirtualClient(f"client{i:03d}", f, b)
         for i, (f, b) in enumerate(zip(files, budgets, strict=True))
     ]
+    runner: TurnRunner = RayActors(ray_actors) if ray_actors else InProcess()
     sim = Simulation(
         spec,
         virtual,
         evaluator=HeldOutEvaluator() if spec.eval_dataset else None,
         options=SimOptions(fresh_scores=fresh_scores, rank_baseline=rank_baseline),
         cache=cache,
+        runner=runner,
     )
     start = time.monotonic()
     with Progress(console=console) as bar:
@@ -94,7 +105,11 @@ def simulate(
             acc = "-" if r.eval_accuracy is None else f"{r.eval_accuracy:.3f}"
             bar.update(task, advance=1, description=f"round {r.number}: accuracy {acc}")
 
-        result = sim.run(advance)
+        try:
+            result = sim.run(advance)
+        finally:
+            if isinstance(runner, RayActors):
+                runner.close()
     row = {
         "bench": "quality",
         "engine": "sim",

@@ -10,11 +10,11 @@ in :func:`~fedpilot.core.round_plan.fixed_order`, evaluation is the coordinator'
 :class:`~fedpilot.coordinator.evaluation.HeldOutEvaluator`: the same functions the
 round driver calls. Same seed and memory profiles, same global adapter as a cluster.
 
-Clients run one after another. To spread them over cores, GPUs or machines,
-hand each client's turn (load adapter, probe, train, read back: :meth:`Simulation.train_client`)
-to Ray actors, one per device, each holding its own :class:`ModelCache`; the
-round stays here, and updates are folded in the same fixed order whatever
-order they return in.
+Clients run one after another by default. To spread them over cores, GPUs or
+machines, a :class:`~fedpilot.sim.runners.RayActors` runner hands each client's
+turn (load adapter, probe, train, read back: :func:`client_turn`) to Ray actors,
+one per device, each holding its own :class:`ModelCache`; the round stays here,
+and updates are folded in the same fixed order whatever order they return in.
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ from fedpilot.core.round_plan import (
     plan_assignments,
     sample_participants,
 )
+from fedpilot.sim.runners import InProcess, Turn, TurnRunner
 
 Adapter = dict[str, dict[str, np.ndarray]]
+TurnResult = tuple[dict[str, dict[str, np.ndarray]], Any, dict[str, float]]
+"""A turn's trained modules, the worker's ``TrainResult`` and its local IG-Scores."""
 Evaluator = Callable[[JobSpec, Mapping[str, Mapping[str, np.ndarray]]], dict[str, float]]
 
 RANK_BASELINES = ("hetlora", "flexlora")
@@ -185,6 +188,45 @@ class ModelCache:
         return self.batches[key]
 
 
+def client_turn(
+    cache: ModelCache,
+    spec: JobSpec,
+    options: SimOptions,
+    client: VirtualClient,
+    adapter: Adapter,
+    modules: Sequence[str],
+    number: int,
+    probe: bool = True,
+) -> TurnResult:
+    """Load ``adapter``, probe local scores, train ``modules``, read them back: the
+    worker's calls after a download, on ``cache``'s model."""
+    from fedpilot.worker.model import get_module_state, load_module_state
+    from fedpilot.worker.scoring import local_ig_scores
+    from fedpilot.worker.training import train
+
+    _, model = cache.model(spec)
+    batches = cache.client_batches(spec, client.data)
+    load_module_state(model, adapter)
+    scores: dict[str, float] = {}
+    if probe and spec.ig_probe_batches and not options.fresh_scores:
+        scores = local_ig_scores(
+            model, batches[: spec.ig_probe_batches], max_examples=options.probe_examples
+        )
+    result = train(
+        model,
+        list(modules),
+        batches,
+        steps=spec.local_steps if not spec.local_epochs else None,
+        epochs=max(1, spec.local_epochs),
+        lr=spec.learning_rate,
+        weight_decay=spec.weight_decay,
+        seed=int(spec.seed) + int(number),
+        measure_peak=options.measure_peak,
+        loss_batches=options.loss_batches,
+    )
+    return get_module_state(model, list(modules)), result, scores
+
+
 def _nbytes(modules: Mapping[str, Mapping[str, np.ndarray]]) -> int:
     return sum(x.nbytes for parts in modules.values() for x in parts.values())
 
@@ -201,6 +243,7 @@ class Simulation:
         options: SimOptions | None = None,
         cache: ModelCache | None = None,
         memory: MemoryModel | None = None,
+        runner: TurnRunner | None = None,
     ) -> None:
         if not clients:
             raise ValueError("a simulation needs at least one client")
@@ -216,6 +259,8 @@ class Simulation:
         self.evaluator = evaluator
         self.options = options or SimOptions()
         self.cache = cache or ModelCache()
+        self.runner = runner or InProcess()
+        """Where client turns run (:mod:`fedpilot.sim.runners`)."""
         measured, self.shapes = self.cache.profile(spec)
         self.memory = memory or measured
 
@@ -229,36 +274,11 @@ class Simulation:
         number: int,
         *,
         probe: bool = True,
-    ) -> tuple[dict[str, dict[str, np.ndarray]], Any, dict[str, float]]:
+    ) -> TurnResult:
         """Load ``adapter``, probe local scores, train ``modules``, read them back."""
-        from fedpilot.worker.model import get_module_state, load_module_state
-        from fedpilot.worker.scoring import local_ig_scores
-        from fedpilot.worker.training import train
-
-        spec = self.spec
-        _, model = self.cache.model(spec)
-        batches = self.cache.client_batches(spec, client.data)
-        load_module_state(model, adapter)
-        scores: dict[str, float] = {}
-        if probe and spec.ig_probe_batches and not self.options.fresh_scores:
-            scores = local_ig_scores(
-                model,
-                batches[: spec.ig_probe_batches],
-                max_examples=self.options.probe_examples,
-            )
-        result = train(
-            model,
-            list(modules),
-            batches,
-            steps=spec.local_steps if not spec.local_epochs else None,
-            epochs=max(1, spec.local_epochs),
-            lr=spec.learning_rate,
-            weight_decay=spec.weight_decay,
-            seed=int(spec.seed) + int(number),
-            measure_peak=self.options.measure_peak,
-            loss_batches=self.options.loss_batches,
+        return client_turn(
+            self.cache, self.spec, self.options, client, adapter, modules, number, probe
         )
-        return get_module_state(model, list(modules)), result, scores
 
     def probe(self, client: VirtualClient, adapter: Adapter) -> dict[str, float]:
         """Local IG-Scores of ``client`` on ``adapter`` (the fresh-scores variant)."""
@@ -336,12 +356,13 @@ class Simulation:
         record = RoundRecord(number, [c.name for c in people], {}, {}, {}, {}, {}, 0.0, 0.0, 0.0)
         updates, uploaded = [], {}
         weighted = [0.0, 0.0, 0]
-        for a in assignments:
+        chosen = [a for a in assignments if a.feasible and a.modules]
+        turns = [Turn(by_name[a.client], adapter, tuple(a.modules)) for a in chosen]
+        for a, (modules, trained, scores) in zip(
+            chosen, self.runner.run(self, turns, number), strict=True
+        ):
             client = by_name[a.client]
-            if not (a.feasible and a.modules):
-                continue
             result.violations_predicted += a.predicted_bytes > client.budget_bytes
-            modules, trained, scores = self.train_client(client, adapter, a.modules, number)
             if scores:
                 uploaded[client.name] = scores
             result.violations_measured += trained.peak_bytes > client.budget_bytes
@@ -391,16 +412,23 @@ class Simulation:
         record = RoundRecord(number, [c.name for c in people], {}, {}, {}, {}, {}, 0.0, 0.0, 0.0)
         updates: list[RankedUpdate] = []
         weighted = [0.0, 0.0, 0]
+        chosen: list[tuple[VirtualClient, int]] = []
+        starts: dict[int, Adapter] = {}  # one truncated adapter per rank
         for client in people:
             rank = ranks.setdefault(
                 client.name, rank_for_budget(self.memory, client.budget_bytes, full_rank)
             )
             if rank == 0:
                 continue  # cannot train every module even at rank 1: sits out
+            if rank not in starts:
+                starts[rank] = truncate_all(adapter, rank)
+            chosen.append((client, rank))
+        turns = [Turn(c, starts[r], tuple(names), probe=False) for c, r in chosen]
+        for (client, rank), (modules, trained, _) in zip(
+            chosen, self.runner.run(self, turns, number), strict=True
+        ):
             predicted = rank_memory(self.memory, rank, full_rank).full_cost()
             result.violations_predicted += predicted > client.budget_bytes
-            start = truncate_all(adapter, rank)
-            modules, trained, _ = self.train_client(client, start, names, number, probe=False)
             result.violations_measured += trained.peak_bytes > client.budget_bytes
             result.bytes_moved += 2 * _nbytes(modules)
             updates.append(RankedUpdate(client.name, trained.num_samples, rank, modules))
