@@ -167,3 +167,29 @@ def test_the_report_says_when_the_bound_was_still_rising_or_beaten() -> None:
     assert above_bound(ordered_summary(beaten), "s") == ["fedpilot"]
     assert above_bound(ordered_summary(rising + beaten[2:]), "s") == ["fedpilot"]
     assert above_bound(ordered_summary(flat), "s") == []
+
+
+def test_learning_means_clearly_above_chance_for_any_number_of_classes() -> None:
+    from fedpilot.bench.quality import ordered_summary
+    from fedpilot.bench.stats import learned, learned_threshold
+
+    assert learned_threshold(1 / 20) == pytest.approx(0.1)  # twice chance
+    assert learned_threshold(1 / 2) == pytest.approx(0.625)  # not 1.0, out of reach
+    assert learned_threshold(1 / 3) == pytest.approx(0.5)
+
+    def bound(seed: int, final: float) -> dict:
+        return {
+            "setting": "s",
+            "method": "unconstrained",
+            "kind": "bound",
+            "seed": seed,
+            "accuracy": [final],
+            "final_accuracy": final,
+            "best_accuracy": final,
+            "violations": 0,
+            "state": "done",
+            "wall_s": 1.0,
+        }
+
+    assert learned(ordered_summary([bound(0, 0.92), bound(1, 0.93)]), "s", 0.5)
+    assert not learned(ordered_summary([bound(0, 0.92), bound(1, 0.55)]), "s", 0.5)
