@@ -88,6 +88,7 @@ class RayActors:
             raise ValueError(f"actors must be >= 1, got {actors}")
         self.actors, self.threads, self.address = actors, threads, address
         self._pool: Any = None
+        self._started_ray = False
         self.actor_pids: set[int] = set()
         """Processes that ran at least one turn (to show where the work went)."""
 
@@ -97,6 +98,7 @@ class RayActors:
             from ray.util import ActorPool
 
             if not ray.is_initialized():
+                self._started_ray = True
                 ray.init(
                     address=self.address,
                     num_cpus=None if self.address else self.actors * max(1, self.threads),
@@ -128,10 +130,10 @@ class RayActors:
         return results
 
     def close(self) -> None:
-        """Stop the actors (and the Ray instance this runner started)."""
+        """Release the actors; stop Ray too if this runner started it."""
         import ray
 
-        if self._pool is not None:
-            self._pool = None
-            if ray.is_initialized() and not self.address:
-                ray.shutdown()
+        self._pool = None  # the actors go with their last handle
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+        self._started_ray = False
