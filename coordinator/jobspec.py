@@ -55,10 +55,10 @@ class DwaSpec(BaseModel):
     eta_max: Annotated[float, Field(ge=1, le=100, description="Cap of the boost.")] = 2.0
     convex: Annotated[
         bool, Field(description="Cap the step at 1: stay between the old value and the average.")
-    ] = False
+    ] = True
     coverage: Annotated[
         bool, Field(description="Scale the step by the share of the round's samples that trained")
-    ] = False
+    ] = True
     staleness: Annotated[
         float,
         Field(

@@ -17,7 +17,7 @@ from tests.models import TINY_LABELS
 SIM_METHODS = (
     "fedpilot",
     "fresh-ig",
-    "fedpilot-fixed",
+    "paper",
     "fedra",
     "hetlora",
     "flexlora",
@@ -118,7 +118,7 @@ def test_quick_cluster_bench_runs_the_cluster_methods_without_violations(
     tmp_path: Path, tiny_dir: Path
 ) -> None:
     # Execute: the real processes, on the methods the cluster runs
-    methods = ["fedpilot", "coverage", "fedra", "exclusive", "unconstrained"]
+    methods = ["fedpilot", "paper", "fedra", "exclusive", "unconstrained"]
     result = _bench(
         tmp_path, tiny_dir, "--engine", "cluster", *[x for m in methods for x in ("--method", m)]
     )

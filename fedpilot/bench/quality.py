@@ -44,7 +44,7 @@ UNCONSTRAINED = "unconstrained"
 class Method:
     name: str
     kind: str
-    """What it is: paper, fix, ablation, baseline or bound."""
+    """What it is: default, paper, fix, ablation, baseline or bound."""
     overrides: Mapping[str, Any]
     budgets: str = CONSTRAINED
     sim: Mapping[str, Any] = field(default_factory=dict)
@@ -59,28 +59,24 @@ def _agg(**kwargs: Any) -> dict[str, Any]:
     return {"aggregation": kwargs}
 
 
+PAPER_STEP = {"convex": False, "coverage": False}
+"""The paper's DWA step (``eta_m`` up to ``eta_max``, no coverage damping)."""
+
 METHODS: tuple[Method, ...] = (
-    Method("fedpilot", "paper", {}),
-    # Fixes, each alone, then together.
+    Method("fedpilot", "default", {}),
+    Method("paper", "paper", _agg(dwa=PAPER_STEP)),
+    # Changes to the default, one at a time.
+    Method("convex-dwa", "ablation", _agg(dwa={"coverage": False})),
     Method("fresh-ig", "fix", {}, sim={"fresh_scores": True}),
     Method("forget-scores", "ablation", {}, sim={"keep_scores": False}),
-    Method("convex-dwa", "fix", _agg(dwa={"convex": True})),
-    Method("coverage", "fix", _agg(dwa={"convex": True, "coverage": True})),
     Method("stale-boost", "fix", _agg(dwa={"staleness": 0.5})),
     Method("stale-damp", "fix", _agg(dwa={"staleness": -0.5})),
     Method("exact-merge", "ablation", _agg(merge="exact")),
-    Method(
-        "fedpilot-fixed",
-        "fix",
-        _agg(dwa={"convex": True, "coverage": True}),
-        sim={"fresh_scores": True},
-    ),
-    # Ablations of the paper's method.
     Method("ig-local-only", "ablation", {"ig_lambda": 1.0}),
     Method("ig-global-only", "ablation", {"ig_lambda": 0.0}),
-    Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0})),
+    Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0, **PAPER_STEP})),
     # Baselines.
-    Method("fedra", "baseline", {"strategy": "fedra", **_agg(dwa={"gamma": 0.0})}),
+    Method("fedra", "baseline", {"strategy": "fedra", **_agg(dwa={"gamma": 0.0, **PAPER_STEP})}),
     Method("hetlora", "baseline", {"strategy": "full"}, sim={"rank_baseline": "hetlora"}),
     Method("flexlora", "baseline", {"strategy": "full"}, sim={"rank_baseline": "flexlora"}),
     Method("exclusive", "baseline", {"strategy": "full"}),
@@ -90,9 +86,10 @@ METHODS: tuple[Method, ...] = (
     Method("fedavg", "baseline", _agg(rule="fedavg")),
     Method("unconstrained", "bound", {"strategy": "full"}, budgets=UNCONSTRAINED),
 )
-"""Every compared method. ``fedpilot`` is the paper's method (knapsack over
-IG-Scores with lambda 0.5, STAgg with DWA, ``factors`` merge); each other row
-changes one thing, except ``fedpilot-fixed`` (the fixes together) and the
+"""Every compared method. ``fedpilot`` is the shipped default (knapsack over
+IG-Scores with lambda 0.5, STAgg with the convex, coverage-damped DWA step,
+``factors`` merge); ``paper`` is the paper's step (``eta_m`` up to 2, no
+damping); each other row changes one thing of the default, except the
 baselines. ``exclusive`` is the ``full`` strategy: only clients that fit every
 module train. ``fedra`` aggregates per module over its trainers (gamma 0), as
 FedRA averages each layer over the clients that trained it."""
@@ -962,7 +959,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
-    styles = {"paper": "-", "fix": "-", "ablation": "--", "baseline": ":", "bound": "-."}
+    styles = {
+        "default": "-",
+        "paper": "-",
+        "fix": "-",
+        "ablation": "--",
+        "baseline": ":",
+        "bound": "-.",
+    }
     for ax, setting in zip(axes[0], settings, strict=True):
         mine = [r for r in rows if r["setting"] == setting and r["accuracy"]]
         for method in dict.fromkeys(r["method"] for r in mine):
@@ -978,7 +982,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
                 styles.get(kind, "-"),
                 marker="o",
                 markersize=3,
-                linewidth=2.5 if kind == "paper" else 1.2,
+                linewidth=2.5 if kind == "default" else 1.2,
                 label=f"{method} (n={len(runs)})",
             )
             if len(runs) > 1:

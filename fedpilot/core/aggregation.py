@@ -8,10 +8,12 @@ Clients send only the modules they trained.
   trained it, weighted by sample counts; then the global module moves toward
   that average by a step ``eta_m`` that grows for under-updated modules (DWA):
   ``W <- W + eta_m (Agg - W)``, ``eta_m = eta * clip((u_mean / u_m) ** gamma, 1, eta_max)``.
-  Two optional refinements keep the step inside the clients' hull and damp
-  modules few participants trained: ``convex`` caps ``eta_m`` at 1, and
-  ``coverage`` multiplies it by the share of this round's samples whose
-  clients trained the module (with ``gamma=0`` that is FedAvg's stale blend).
+  Two refinements, on by default since the multi-seed runs in
+  docs/benchmarks.md, keep the step inside the clients' hull and damp modules
+  few participants trained: ``convex`` caps ``eta_m`` at 1, and ``coverage``
+  multiplies it by the share of this round's samples whose clients trained
+  the module (with ``gamma=0`` that is FedAvg's stale blend). Both off is the
+  paper's step.
   ``staleness`` makes the step depend on how many rounds the module went untrained
   (a temporal term: positive catches a lagging module up, negative damps it).
 - **FedAvg** (``rule="fedavg"``): the baseline; every participant counts for
@@ -93,9 +95,9 @@ class DwaConfig:
     eta: float = 1.0
     gamma: float = 0.5
     eta_max: float = 2.0
-    convex: bool = False
+    convex: bool = True
     """Cap ``eta_m`` at 1, so the new value stays between the old one and the aggregate."""
-    coverage: bool = False
+    coverage: bool = True
     """Scale ``eta_m`` by the share of the round's samples that trained the module: a module
     averaged over a few skewed clients moves only as far as their share of the round."""
     staleness: float = 0.0

@@ -1,5 +1,7 @@
 """The convex, coverage-damped and staleness-aware server steps of STAgg."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -16,15 +18,16 @@ def _module(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarra
     }
 
 
-def test_default_dwa_leaves_the_hull_of_a_lone_trainer_and_convex_does_not() -> None:
+def test_the_paper_step_leaves_the_hull_of_a_lone_trainer_and_convex_does_not() -> None:
     # Prepare: one module trained by one client (value 4 from 2) while others are well updated
     g = {"rare": {"w": np.full(3, 2.0, dtype=np.float32)}, "common": {"w": np.zeros(3, np.float32)}}
     stats = {"common": ModuleStats(update_count=30)}
     update = ClientUpdate("a", 10, {"rare": {"w": np.full(3, 4.0, dtype=np.float32)}})
 
     # Execute
-    loose = aggregate(g, [update], stats, 2, dwa=DwaConfig(gamma=0.5, eta_max=2.0))
-    tight = aggregate(g, [update], stats, 2, dwa=DwaConfig(gamma=0.5, eta_max=2.0, convex=True))
+    paper = DwaConfig(gamma=0.5, eta_max=2.0, convex=False, coverage=False)
+    loose = aggregate(g, [update], stats, 2, dwa=paper)
+    tight = aggregate(g, [update], stats, 2, dwa=replace(paper, convex=True))
 
     # Assert: the old step overshoots to 6 (2 + 2 * (4 - 2)); the convex one lands on 4
     assert loose.modules["rare"]["w"][0] > 4.0
@@ -109,7 +112,7 @@ def test_staleness_scales_the_step_by_the_rounds_a_module_went_untrained() -> No
 
     # Execute
     def steps(staleness: float) -> dict[str, float]:
-        dwa = DwaConfig(gamma=0.0, eta_max=4.0, staleness=staleness)
+        dwa = DwaConfig(gamma=0.0, eta_max=4.0, staleness=staleness, convex=False)
         return aggregate(g, updates, stats, 5, dwa=dwa).steps
 
     boost, damp, off = steps(0.5), steps(-0.5), steps(0.0)
