@@ -131,15 +131,20 @@ class RoundDriver:
     def _any_holder_alive(self, open_tasks: Sequence[Task]) -> bool:
         """Whether any worker holding one of ``open_tasks`` still counts as alive.
 
-        For two heartbeat timeouts after this coordinator (re)started, every holder does
-        (one to reconnect, its channel backoff is capped at 4 s, and one to be heard): a
-        worker that kept its task through the restart is backing off, and judging it by
-        the silence while nobody was listening would close its round without it."""
+        A holder last heard before this coordinator (re)started gets two heartbeat
+        timeouts from the start (one to reconnect, its channel backoff is capped at 4 s,
+        and one to be heard): it kept its task through the restart and is backing off,
+        and judging it by the silence while nobody was listening would close its round
+        without it. A holder heard since the start is judged as usual."""
         timeout = self.settings.heartbeat_timeout_s
-        if utcnow() < self.started_at + timedelta(seconds=2 * timeout):
-            return True
         alive = {w.id for w in self.store.alive_workers(timeout)}
-        return any(t.worker_id in alive for t in open_tasks)
+        if any(t.worker_id in alive for t in open_tasks):
+            return True
+        since_start = (utcnow() - self.started_at).total_seconds()
+        if since_start >= 2 * timeout:
+            return False
+        heard = {w.id for w in self.store.alive_workers(max(since_start, 1e-3))}
+        return any(t.worker_id not in heard for t in open_tasks)
 
     def _notify(self) -> None:
         self.signals.tasks_created()
