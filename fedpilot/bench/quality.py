@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,10 @@ from fedpilot.cluster import LocalCluster, write_csv
 from fedpilot.core.memory import MemoryModel
 from fedpilot.core.partition import dirichlet_partition, iid_partition, pathological_partition
 from fedpilot.demo import DEFAULT_DATASET, measure_profile, tier_budgets
+
+if TYPE_CHECKING:
+    from fedpilot.sim.engine import ModelCache
+    from fedpilot.sim.runners import TurnRunner
 
 CONSTRAINED = "constrained"
 UNCONSTRAINED = "unconstrained"
@@ -542,17 +546,16 @@ def sim_setting(
 ) -> Iterator[dict[str, Any]]:
     """Every wanted method and seed of one setting on the simulator, a row per run."""
     from fedpilot.sim import ModelCache
-    from fedpilot.sim.runners import InProcess, RayActors, TurnRunner
+    from fedpilot.sim.runners import runner_for
 
     name, alpha = parse_setting(setting)
     cache = cache or ModelCache()
     wanted = [m for m in METHODS if m.name in config.methods]
-    runner: TurnRunner = RayActors(config.ray_actors) if config.ray_actors else InProcess()
+    runner = runner_for(config.ray_actors)
     try:
         yield from _sim_seeds(config, name, alpha, wanted, cache, runner, progress)
     finally:
-        if isinstance(runner, RayActors):
-            runner.close()
+        runner.close()
 
 
 def _sim_seeds(
@@ -560,8 +563,8 @@ def _sim_seeds(
     name: str,
     alpha: float | None,
     wanted: list[Method],
-    cache: Any,
-    runner: Any,
+    cache: ModelCache,
+    runner: TurnRunner,
     progress: Progress,
 ) -> Iterator[dict[str, Any]]:
     from fedpilot.coordinator.evaluation import HeldOutEvaluator

@@ -56,7 +56,7 @@ def simulate(
     from fedpilot.coordinator.jobspec import JobSpec
     from fedpilot.demo import tier_budgets
     from fedpilot.sim import ModelCache, SimOptions, Simulation, VirtualClient
-    from fedpilot.sim.runners import InProcess, RayActors, TurnRunner
+    from fedpilot.sim.runners import runner_for
     from fedpilot.worker.data import load_data
 
     console = Console(stderr=True)
@@ -88,7 +88,7 @@ def simulate(
         VirtualClient(f"client{i:03d}", f, b)
         for i, (f, b) in enumerate(zip(files, budgets, strict=True))
     ]
-    runner: TurnRunner = RayActors(ray_actors) if ray_actors else InProcess()
+    runner = runner_for(ray_actors)
     sim = Simulation(
         spec,
         virtual,
@@ -108,8 +108,7 @@ def simulate(
         try:
             result = sim.run(advance)
         finally:
-            if isinstance(runner, RayActors):
-                runner.close()
+            runner.close()
     row = {
         "bench": "quality",
         "engine": "sim",

@@ -201,7 +201,6 @@ def client_turn(
     """Load ``adapter``, probe local scores, train ``modules``, read them back: the
     worker's calls after a download, on ``cache``'s model."""
     from fedpilot.worker.model import get_module_state, load_module_state
-    from fedpilot.worker.scoring import local_ig_scores
     from fedpilot.worker.training import train
 
     _, model = cache.model(spec)
@@ -209,9 +208,7 @@ def client_turn(
     load_module_state(model, adapter)
     scores: dict[str, float] = {}
     if probe and spec.ig_probe_batches and not options.fresh_scores:
-        scores = local_ig_scores(
-            model, batches[: spec.ig_probe_batches], max_examples=options.probe_examples
-        )
+        scores = _probe_scores(model, batches, spec, options)
     result = train(
         model,
         list(modules),
@@ -225,6 +222,17 @@ def client_turn(
         loss_batches=options.loss_batches,
     )
     return get_module_state(model, list(modules)), result, scores
+
+
+def _probe_scores(
+    model: Any, batches: list[Any], spec: JobSpec, options: SimOptions
+) -> dict[str, float]:
+    """The worker's local IG probe on the adapter loaded in ``model``."""
+    from fedpilot.worker.scoring import local_ig_scores
+
+    return local_ig_scores(
+        model, batches[: spec.ig_probe_batches], max_examples=options.probe_examples
+    )
 
 
 def _nbytes(modules: Mapping[str, Mapping[str, np.ndarray]]) -> int:
@@ -264,33 +272,14 @@ class Simulation:
         measured, self.shapes = self.cache.profile(spec)
         self.memory = memory or measured
 
-    # -- one client's turn: the worker's calls after a download --------------------------
-
-    def train_client(
-        self,
-        client: VirtualClient,
-        adapter: Adapter,
-        modules: Sequence[str],
-        number: int,
-        *,
-        probe: bool = True,
-    ) -> TurnResult:
-        """Load ``adapter``, probe local scores, train ``modules``, read them back."""
-        return client_turn(
-            self.cache, self.spec, self.options, client, adapter, modules, number, probe
-        )
-
     def probe(self, client: VirtualClient, adapter: Adapter) -> dict[str, float]:
         """Local IG-Scores of ``client`` on ``adapter`` (the fresh-scores variant)."""
         from fedpilot.worker.model import load_module_state
-        from fedpilot.worker.scoring import local_ig_scores
 
         _, model = self.cache.model(self.spec)
         batches = self.cache.client_batches(self.spec, client.data)
         load_module_state(model, adapter)
-        return local_ig_scores(
-            model, batches[: self.spec.ig_probe_batches], max_examples=self.options.probe_examples
-        )
+        return _probe_scores(model, batches, self.spec, self.options)
 
     # -- the round ------------------------------------------------------------------------
 

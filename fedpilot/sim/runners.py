@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -43,14 +43,31 @@ class TurnRunner(Protocol):
         """Results of ``turns`` of round ``number``, in the order of ``turns``."""
         ...
 
+    def close(self) -> None:
+        """Release what the runner started (processes, a Ray instance)."""
+        ...
+
 
 class InProcess:
     """Turns one after another on the simulator's own model (the default)."""
 
     def run(self, sim: Simulation, turns: Sequence[Turn], number: int) -> list[TurnResult]:
+        from fedpilot.sim.engine import client_turn
+
         return [
-            sim.train_client(t.client, t.adapter, t.modules, number, probe=t.probe) for t in turns
+            client_turn(
+                sim.cache, sim.spec, sim.options, t.client, t.adapter, t.modules, number, t.probe
+            )
+            for t in turns
         ]
+
+    def close(self) -> None:
+        pass
+
+
+def runner_for(ray_actors: int) -> TurnRunner:
+    """``ray_actors`` Ray actors, or this process when 0 (the CLIs' ``--ray-actors``)."""
+    return RayActors(ray_actors) if ray_actors else InProcess()
 
 
 class _TurnActor:
@@ -68,6 +85,7 @@ class _TurnActor:
     def turn(
         self, spec: Any, options: Any, turn: Turn, adapter: Adapter, number: int
     ) -> tuple[int, TurnResult]:
+        """``turn`` with its adapter passed apart, so Ray resolves it from the object store."""
         from fedpilot.sim.engine import client_turn
 
         result = client_turn(
@@ -119,7 +137,7 @@ class RayActors:
         for t in turns:
             if id(t.adapter) not in refs:
                 refs[id(t.adapter)] = ray.put(t.adapter)
-        stripped = [(Turn(t.client, {}, t.modules, t.probe), refs[id(t.adapter)]) for t in turns]
+        stripped = [(replace(t, adapter={}), refs[id(t.adapter)]) for t in turns]
         results = []
         for pid, result in pool.map(
             lambda actor, job: actor.turn.remote(sim.spec, sim.options, job[0], job[1], number),

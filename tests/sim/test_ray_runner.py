@@ -9,32 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedpilot.cluster import write_csv
-from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.demo import tier_budgets
-from fedpilot.sim import ModelCache, SimOptions, Simulation, VirtualClient
+from fedpilot.sim import ModelCache, SimOptions, Simulation
 from fedpilot.sim.runners import RayActors
-from fedpilot.worker.data import synthetic_dataset
-
-LABELS = ["class0", "class1", "class2"]
-
-
-def _spec(tiny_dir: Path) -> JobSpec:
-    return JobSpec.model_validate(
-        {
-            "name": "ray",
-            "model": str(tiny_dir),
-            "labels": LABELS,
-            "rounds": 2,
-            "min_workers": 2,
-            "local_steps": 2,
-            "batch_size": 4,
-            "max_seq_len": 16,
-            "learning_rate": 0.01,
-            "lora": {"rank": 4, "alpha": 8},
-            "seed": 5,
-        }
-    )
+from tests.sim.jobs import synthetic_clients, tiny_spec
 
 
 def test_ray_actors_train_the_same_global_adapter_as_one_process(
@@ -42,14 +20,10 @@ def test_ray_actors_train_the_same_global_adapter_as_one_process(
 ) -> None:
     # Prepare: 4 clients in the 25/50/100% tiers; one torch thread here and in each actor
     torch.set_num_threads(1)
-    spec = _spec(tiny_dir)
+    spec = tiny_spec(tiny_dir, name="ray", learning_rate=0.01, seed=5)
     cache = ModelCache()
     memory, _ = cache.profile(spec)
-    clients = []
-    for i, budget in enumerate(tier_budgets(memory, 4)):
-        data = synthetic_dataset(24, len(LABELS), seed=i)
-        path = write_csv(tmp_path / f"c{i}.csv", data.texts, [LABELS[y] for y in data.labels])
-        clients.append(VirtualClient(f"c{i}", path, budget))
+    clients = synthetic_clients(tmp_path, tier_budgets(memory, 4), examples=24)
     options = SimOptions(probe_examples=4)
     runner = RayActors(actors=2, threads=1)
 
