@@ -86,6 +86,21 @@ class AggregationSpec(BaseModel):
     merge: Merge = Merge.FACTORS
     dwa: DwaSpec = DwaSpec()
     ema_decay: Annotated[float, Field(ge=0, lt=1, description="Global-score EMA decay.")] = 0.7
+    momentum: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=0.95,
+            description="Server momentum: each aggregated module also moves by this times "
+            "its last global change (heavy-ball FedAvgM; factors merge only).",
+        ),
+    ] = 0.0
+
+    @model_validator(mode="after")
+    def _momentum_needs_factors(self) -> AggregationSpec:
+        if self.momentum and self.merge is Merge.EXACT:
+            raise ValueError("aggregation.momentum needs merge 'factors'")
+        return self
 
 
 class JobSpec(BaseModel):

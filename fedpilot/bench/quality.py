@@ -76,6 +76,8 @@ METHODS: tuple[Method, ...] = (
     Method("stale-boost", "fix", _agg(dwa={"staleness": 0.5})),
     Method("stale-damp", "fix", _agg(dwa={"staleness": -0.5})),
     Method("exact-merge", "ablation", _agg(merge="exact")),
+    Method("momentum-0.5", "fix", _agg(momentum=0.5)),
+    Method("momentum-0.8", "fix", _agg(momentum=0.8)),
     Method("ig-local-only", "ablation", {"ig_lambda": 1.0}),
     Method("ig-global-only", "ablation", {"ig_lambda": 0.0}),
     Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0, **PAPER_STEP})),
@@ -88,6 +90,7 @@ METHODS: tuple[Method, ...] = (
     Method("random", "baseline", {"strategy": "random"}),
     Method("top-down", "baseline", {"strategy": "top-down"}),
     Method("fedavg", "baseline", _agg(rule="fedavg")),
+    Method("fedavgm", "baseline", _agg(rule="fedavg", momentum=0.5)),
     Method("unconstrained", "bound", {"strategy": "full"}, budgets=UNCONSTRAINED),
 )
 """Every compared method. ``fedpilot`` is the shipped default (knapsack over

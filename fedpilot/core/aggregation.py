@@ -16,6 +16,12 @@ Clients send only the modules they trained.
   paper's step.
   ``staleness`` makes the step depend on how many rounds the module went untrained
   (a temporal term: positive catches a lagging module up, negative damps it).
+- **Server momentum** (``momentum=beta``, either rule, ``factors`` merge): each
+  aggregated module also moves by ``beta`` times its last global change,
+  ``W' = W + step (Agg - W) + beta (W - W_prev)``, the heavy-ball form of
+  FedAvgM (Hsu et al., 2019) whose only state is the previous global adapter,
+  which the coordinator keeps anyway. A module nobody trains this round stays
+  where it is, so its momentum starts again from zero.
 - **FedAvg** (``rule="fedavg"``): the baseline; every participant counts for
   every module, and one that did not train ``m`` contributes the stale global value.
 
@@ -328,9 +334,20 @@ class Aggregator:
         dwa: DwaConfig | None = None,
         ema_decay: float = DEFAULT_EMA_DECAY,
         fold_threads: int = FOLD_THREADS,
+        momentum: float = 0.0,
+        previous: Mapping[str, Module] | None = None,
     ) -> None:
         """``fold_threads``: threads that fold one update in (1 = the calling thread only);
-        an adapter smaller than two blocks always folds in one."""
+        an adapter smaller than two blocks always folds in one. ``momentum`` in [0, 1)
+        with ``previous``, the global adapter one version before ``global_modules``
+        (none in the first round: no momentum yet)."""
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if momentum and Merge(merge) is Merge.EXACT:
+            raise ValueError("momentum needs merge='factors': re-factorised factors have no "
+                             "meaningful difference between versions")
+        self._momentum = momentum
+        self._previous = previous if momentum else None
         self._global = global_modules
         self._stats = dict(stats)
         self._round = round_number
@@ -643,6 +660,7 @@ class Aggregator:
                 )
                 continue
             new = self._merge_factors(name, current, denom, stale, step)
+            self._add_momentum(name, current, new)
             modules[name] = new
             if is_lora(current):
                 scored.append((name, current, new))
@@ -672,6 +690,23 @@ class Aggregator:
                 out += x * keep
             new[part] = out.astype(x.dtype, copy=False)
         return new
+
+    def _add_momentum(
+        self, name: str, current: Module, new: dict[str, np.ndarray]
+    ) -> None:
+        """``new += beta (W - W_prev)`` where the previous version has the module."""
+        before = self._previous.get(name) if self._previous is not None else None
+        if before is None or before.keys() != current.keys():
+            return
+        beta = self._momentum
+        for part, x in current.items():
+            old = before[part]
+            if old.shape != x.shape:
+                raise ValueError(
+                    f"module {name!r}, {part}: previous version has shape {old.shape}, "
+                    f"current {x.shape}"
+                )
+            new[part] += (x - old).astype(new[part].dtype, copy=False) * new[part].dtype.type(beta)
 
     def _merge_product(
         self, current: Module, sums: ProductSum, denom: float, stale: float, step: float
@@ -768,10 +803,20 @@ def aggregate(
     merge: Merge | str = Merge.FACTORS,
     dwa: DwaConfig | None = None,
     ema_decay: float = DEFAULT_EMA_DECAY,
+    momentum: float = 0.0,
+    previous: Mapping[str, Module] | None = None,
 ) -> AggregationResult:
     """Aggregate ``updates`` in one call (see :class:`Aggregator`)."""
     agg = Aggregator(
-        global_modules, stats, round_number, rule=rule, merge=merge, dwa=dwa, ema_decay=ema_decay
+        global_modules,
+        stats,
+        round_number,
+        rule=rule,
+        merge=merge,
+        dwa=dwa,
+        ema_decay=ema_decay,
+        momentum=momentum,
+        previous=previous,
     )
     for update in updates:
         agg.add(update)

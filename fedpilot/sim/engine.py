@@ -296,6 +296,7 @@ class Simulation:
         stats: dict[str, ModuleStats] = {}
         history: list[dict[str, Mapping[str, float]]] = []
         ranks: dict[str, int] = {}
+        previous: Adapter | None = None  # the version before ``adapter``: server momentum
         result = SimResult([], adapter, self.memory)
         for number in range(1, spec.rounds + 1):
             start = time.perf_counter()
@@ -303,9 +304,11 @@ class Simulation:
             if self.options.rank_baseline:
                 record, adapter = self._rank_round(number, people, adapter, ranks, result)
             else:
-                record, adapter, stats = self._module_round(
-                    number, people, adapter, stats, history, result
+                record, merged, stats = self._module_round(
+                    number, people, adapter, previous, stats, history, result
                 )
+                if merged is not adapter:
+                    previous, adapter = adapter, merged
             if self.evaluator is not None and spec.eval_dataset:
                 scores = self.evaluator(spec, adapter)
                 record.eval_loss = scores["eval_loss"]
@@ -325,6 +328,7 @@ class Simulation:
         number: int,
         people: list[VirtualClient],
         adapter: Adapter,
+        previous: Adapter | None,
         stats: dict[str, ModuleStats],
         history: list[dict[str, Mapping[str, float]]],
         result: SimResult,
@@ -379,6 +383,8 @@ class Simulation:
             merge=agg.merge,
             dwa=agg.dwa.config(),
             ema_decay=agg.ema_decay,
+            momentum=agg.momentum,
+            previous=previous,
         )
         for u in fixed_order(updates, key=lambda u: u.client):
             aggregator.add(u)
