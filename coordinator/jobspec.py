@@ -94,12 +94,12 @@ class AggregationSpec(BaseModel):
             description="Server momentum: each aggregated module also moves by this times "
             "its last global change (heavy-ball FedAvgM; factors merge only).",
         ),
-    ] = 0.0
+    ] = 0.5
 
     @model_validator(mode="after")
     def _momentum_needs_factors(self) -> AggregationSpec:
         if self.momentum and self.merge is Merge.EXACT:
-            raise ValueError("aggregation.momentum needs merge 'factors'")
+            raise ValueError("aggregation.momentum needs merge 'factors' (set momentum 0 for exact)")
         return self
 
 

@@ -366,6 +366,13 @@ class RoundDriver:
 
     # -- aggregation ---------------------------------------------------------------------
 
+    def _previous_modules(self, job_id: str, version: int) -> dict[str, dict[str, np.ndarray]] | None:
+        """The global adapter one version before ``version`` (server momentum's only state)."""
+        previous = self.store.version(job_id, version - 1) if version > 0 else None
+        if previous is None:
+            return None
+        return unflatten(decode_tensors(self.blobs.read(previous.sha256)))
+
     def _aggregating(self, job: Job, spec: JobSpec) -> None:
         number = job.current_round
         latest = self.store.latest_version(job.id)
@@ -386,6 +393,8 @@ class RoundDriver:
             merge=agg.merge,
             dwa=agg.dwa.config(),
             ema_decay=agg.ema_decay,
+            momentum=agg.momentum,
+            previous=self._previous_modules(job.id, latest.version) if agg.momentum else None,
         )
         # A fixed order (worker name, then id), not arrival: same round, same bits.
         names = {w.id: w.name for w in self.store.workers()}

@@ -66,40 +66,53 @@ def _agg(**kwargs: Any) -> dict[str, Any]:
 PAPER_STEP = {"convex": False, "coverage": False}
 """The paper's DWA step (``eta_m`` up to ``eta_max``, no coverage damping)."""
 
+NO_MOMENTUM = {"momentum": 0.0}
+"""Methods defined without server momentum (the paper's, the published baselines) pin it off."""
+
 METHODS: tuple[Method, ...] = (
     Method("fedpilot", "default", {}),
-    Method("paper", "paper", _agg(dwa=PAPER_STEP)),
+    Method("paper", "paper", _agg(dwa=PAPER_STEP, **NO_MOMENTUM)),
     # Changes to the default, one at a time.
+    Method("no-momentum", "ablation", _agg(**NO_MOMENTUM)),
+    Method("momentum-0.8", "ablation", _agg(momentum=0.8)),
     Method("convex-dwa", "ablation", _agg(dwa={"coverage": False})),
     Method("fresh-ig", "fix", {}, sim={"fresh_scores": True}),
     Method("forget-scores", "ablation", {}, sim={"keep_scores": False}),
     Method("stale-boost", "fix", _agg(dwa={"staleness": 0.5})),
     Method("stale-damp", "fix", _agg(dwa={"staleness": -0.5})),
-    Method("exact-merge", "ablation", _agg(merge="exact")),
-    Method("momentum-0.5", "fix", _agg(momentum=0.5)),
-    Method("momentum-0.8", "fix", _agg(momentum=0.8)),
+    Method("exact-merge", "ablation", _agg(merge="exact", **NO_MOMENTUM)),
     Method("ig-local-only", "ablation", {"ig_lambda": 1.0}),
     Method("ig-global-only", "ablation", {"ig_lambda": 0.0}),
-    Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0, **PAPER_STEP})),
-    # Baselines.
-    Method("fedra", "baseline", {"strategy": "fedra", **_agg(dwa={"gamma": 0.0, **PAPER_STEP})}),
+    Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0, **PAPER_STEP}, **NO_MOMENTUM)),
+    # Baselines, as published: no server momentum.
+    Method(
+        "fedra",
+        "baseline",
+        {"strategy": "fedra", **_agg(dwa={"gamma": 0.0, **PAPER_STEP}, **NO_MOMENTUM)},
+    ),
     Method("hetlora", "baseline", {"strategy": "full"}, sim={"rank_baseline": "hetlora"}),
     Method("flexlora", "baseline", {"strategy": "full"}, sim={"rank_baseline": "flexlora"}),
-    Method("exclusive", "baseline", {"strategy": "full"}),
-    Method("uniform", "baseline", {"strategy": "uniform"}),
-    Method("random", "baseline", {"strategy": "random"}),
-    Method("top-down", "baseline", {"strategy": "top-down"}),
-    Method("fedavg", "baseline", _agg(rule="fedavg")),
-    Method("fedavgm", "baseline", _agg(rule="fedavg", momentum=0.5)),
+    Method("exclusive", "baseline", {"strategy": "full", **_agg(**NO_MOMENTUM)}),
+    Method("uniform", "baseline", {"strategy": "uniform", **_agg(**NO_MOMENTUM)}),
+    Method("random", "baseline", {"strategy": "random", **_agg(**NO_MOMENTUM)}),
+    Method("top-down", "baseline", {"strategy": "top-down", **_agg(**NO_MOMENTUM)}),
+    Method("fedavg", "baseline", _agg(rule="fedavg", **NO_MOMENTUM)),
+    # The same server momentum given to baselines: how much of a gain is momentum alone.
+    Method("fedavgm", "baseline", _agg(rule="fedavg")),
+    Method(
+        "fedra-momentum", "baseline", {"strategy": "fedra", **_agg(dwa={"gamma": 0.0, **PAPER_STEP})}
+    ),
     Method("unconstrained", "bound", {"strategy": "full"}, budgets=UNCONSTRAINED),
 )
 """Every compared method. ``fedpilot`` is the shipped default (knapsack over
 IG-Scores with lambda 0.5, STAgg with the convex, coverage-damped DWA step,
-``factors`` merge); ``paper`` is the paper's step (``eta_m`` up to 2, no
-damping); each other row changes one thing of the default, except the
-baselines. ``exclusive`` is the ``full`` strategy: only clients that fit every
-module train. ``fedra`` aggregates per module over its trainers (gamma 0), as
-FedRA averages each layer over the clients that trained it."""
+server momentum 0.5, ``factors`` merge); ``paper`` is the paper's step
+(``eta_m`` up to 2, no damping, no momentum); each other row changes one thing
+of the default, except the baselines. ``exclusive`` is the ``full`` strategy:
+only clients that fit every module train. ``fedra`` aggregates per module over
+its trainers (gamma 0), as FedRA averages each layer over the clients that
+trained it. ``fedavgm`` and ``fedra-momentum`` are FedAvg and FedRA with the
+default's server momentum."""
 
 METHOD_NAMES = tuple(m.name for m in METHODS)
 CLUSTER_METHODS = tuple(m.name for m in METHODS if not m.sim_only)
