@@ -99,7 +99,9 @@ class AggregationSpec(BaseModel):
     @model_validator(mode="after")
     def _momentum_needs_factors(self) -> AggregationSpec:
         if self.momentum and self.merge is Merge.EXACT:
-            raise ValueError("aggregation.momentum needs merge 'factors' (set momentum 0 for exact)")
+            raise ValueError(
+                "aggregation.momentum needs merge 'factors' (set momentum 0 for exact)"
+            )
         return self
 
 

@@ -101,7 +101,7 @@ class RoundDriver:
             self.signals.wait_for_upload(self.settings.tick_seconds)
 
     def tick(self) -> None:
-        metrics.ALIVE_WORKERS.set(len(self.store.alive_workers(self.settings.heartbeat_timeout_s)))
+        metrics.ALIVE_WORKERS.set(self.store.alive_count(self.settings.heartbeat_timeout_s))
         for job in self.store.jobs(ACTIVE):
             try:
                 self.advance(job)
@@ -128,8 +128,8 @@ class RoundDriver:
         }[job.state]
         step(job, spec)
 
-    def _any_holder_alive(self, open_tasks: Sequence[Task]) -> bool:
-        """Whether any worker holding one of ``open_tasks`` still counts as alive.
+    def _any_holder_alive(self, holders: Sequence[str]) -> bool:
+        """Whether any of ``holders`` (workers holding an open task) still counts as alive.
 
         A holder last heard before this coordinator (re)started gets two heartbeat
         timeouts from the start (one to reconnect, its channel backoff is capped at 4 s,
@@ -137,14 +137,14 @@ class RoundDriver:
         and judging it by the silence while nobody was listening would close its round
         without it. A holder heard since the start is judged as usual."""
         timeout = self.settings.heartbeat_timeout_s
-        alive = {w.id for w in self.store.alive_workers(timeout)}
-        if any(t.worker_id in alive for t in open_tasks):
+        alive = self.store.alive_worker_ids(timeout)
+        if any(w in alive for w in holders):
             return True
         since_start = (utcnow() - self.started_at).total_seconds()
         if since_start >= 2 * timeout:
             return False
-        heard = {w.id for w in self.store.alive_workers(max(since_start, 1e-3))}
-        return any(t.worker_id not in heard for t in open_tasks)
+        heard = self.store.alive_worker_ids(max(since_start, 1e-3))
+        return any(w not in heard for w in holders)
 
     def _notify(self) -> None:
         self.signals.tasks_created()
@@ -202,7 +202,8 @@ class RoundDriver:
         assert rnd is not None
         tasks = self.store.tasks(job.id, number, "profile")
         pending = [t for t in tasks if t.status == "offered"]
-        if pending and utcnow() < rnd.deadline_at and self._any_holder_alive(pending):
+        holders = [t.worker_id for t in pending]
+        if pending and utcnow() < rnd.deadline_at and self._any_holder_alive(holders):
             return  # a worker that died while profiling need not hold the round
         for t in pending:
             self.store.set_task_status(t.id, "straggler", "no profile before the deadline")
@@ -326,10 +327,10 @@ class RoundDriver:
         number = job.current_round
         rnd = self.store.round(job.id, number)
         assert rnd is not None
-        tasks = self.store.tasks(job.id, number, "train")
-        assigned = [t for t in tasks if t.status in ("offered", "done", "straggler")]
-        offered = [t for t in assigned if t.status == "offered"]
-        done = [t for t in assigned if t.status == "done"]
+        states = self.store.task_states(job.id, number, "train")
+        assigned = [w for w, status in states if status in ("offered", "done", "straggler")]
+        offered = [w for w, status in states if status == "offered"]
+        done = [w for w, status in states if status == "done"]
         now = utcnow()
         quorum = max(1, math.ceil(spec.quorum * len(assigned)))
         if offered and now < rnd.deadline_at:
@@ -366,7 +367,9 @@ class RoundDriver:
 
     # -- aggregation ---------------------------------------------------------------------
 
-    def _previous_modules(self, job_id: str, version: int) -> dict[str, dict[str, np.ndarray]] | None:
+    def _previous_modules(
+        self, job_id: str, version: int
+    ) -> dict[str, dict[str, np.ndarray]] | None:
         """The global adapter one version before ``version`` (server momentum's only state)."""
         previous = self.store.version(job_id, version - 1) if version > 0 else None
         if previous is None:
@@ -397,7 +400,7 @@ class RoundDriver:
             previous=self._previous_modules(job.id, latest.version) if agg.momentum else None,
         )
         # A fixed order (worker name, then id), not arrival: same round, same bits.
-        names = {w.id: w.name for w in self.store.workers()}
+        names = self.store.worker_names()
         updates = fixed_order(
             self.store.updates(job.id, number),
             key=lambda u: (names.get(u.worker_id, ""), u.worker_id),

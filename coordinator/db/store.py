@@ -270,6 +270,30 @@ class Store:
                 s.scalars(select(Worker).where(Worker.last_heartbeat >= since).order_by(Worker.id))
             )
 
+    # The round driver reads liveness on every tick, and a tick follows every accepted
+    # upload: these read columns, not ORM rows (500 Worker objects per tick made the
+    # driver quadratic in the fleet, and most of the coordinator's CPU at 500 workers).
+
+    @retrying
+    def alive_count(self, timeout_s: float) -> int:
+        self.flush_heartbeats()
+        since = utcnow() - timedelta(seconds=timeout_s)
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).where(Worker.last_heartbeat >= since)) or 0)
+
+    @retrying
+    def alive_worker_ids(self, timeout_s: float) -> set[str]:
+        self.flush_heartbeats()
+        since = utcnow() - timedelta(seconds=timeout_s)
+        with self.session() as s:
+            return set(s.scalars(select(Worker.id).where(Worker.last_heartbeat >= since)))
+
+    @retrying
+    def worker_names(self) -> dict[str, str]:
+        """Worker id -> name."""
+        with self.session() as s:
+            return {wid: name for wid, name in s.execute(select(Worker.id, Worker.name))}
+
     # -- jobs ------------------------------------------------------------------------------
 
     @retrying
@@ -449,6 +473,16 @@ class Store:
             query = query.where(Task.kind == kind)
         with self.session() as s:
             return list(s.scalars(query.order_by(Task.created_at, Task.id)))
+
+    @retrying
+    def task_states(self, job_id: str, number: int, kind: str) -> list[tuple[str, str]]:
+        """(worker id, status) of a round's tasks of one kind: what the driver checks on
+        every tick, without loading the tasks' modules and scores."""
+        query = select(Task.worker_id, Task.status).where(
+            Task.job_id == job_id, Task.round == number, Task.kind == kind
+        )
+        with self.session() as s:
+            return [(wid, status) for wid, status in s.execute(query)]
 
     @retrying
     def latest_settled_tasks(self, job_id: str | None = None) -> dict[str, Task]:

@@ -100,7 +100,9 @@ METHODS: tuple[Method, ...] = (
     # The same server momentum given to baselines: how much of a gain is momentum alone.
     Method("fedavgm", "baseline", _agg(rule="fedavg")),
     Method(
-        "fedra-momentum", "baseline", {"strategy": "fedra", **_agg(dwa={"gamma": 0.0, **PAPER_STEP})}
+        "fedra-momentum",
+        "baseline",
+        {"strategy": "fedra", **_agg(dwa={"gamma": 0.0, **PAPER_STEP})},
     ),
     Method("unconstrained", "bound", {"strategy": "full"}, budgets=UNCONSTRAINED),
 )

@@ -344,8 +344,10 @@ class Aggregator:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if momentum and Merge(merge) is Merge.EXACT:
-            raise ValueError("momentum needs merge='factors': re-factorised factors have no "
-                             "meaningful difference between versions")
+            raise ValueError(
+                "momentum needs merge='factors': re-factorised factors have no "
+                "meaningful difference between versions"
+            )
         self._momentum = momentum
         self._previous = previous if momentum else None
         self._global = global_modules
@@ -691,9 +693,7 @@ class Aggregator:
             new[part] = out.astype(x.dtype, copy=False)
         return new
 
-    def _add_momentum(
-        self, name: str, current: Module, new: dict[str, np.ndarray]
-    ) -> None:
+    def _add_momentum(self, name: str, current: Module, new: dict[str, np.ndarray]) -> None:
         """``new += beta (W - W_prev)`` where the previous version has the module."""
         before = self._previous.get(name) if self._previous is not None else None
         if before is None or before.keys() != current.keys():

@@ -42,7 +42,7 @@ def test_a_previous_version_of_another_shape_is_refused_by_name() -> None:
     updates = [ClientUpdate("a", 10, {"m": _w(4.0)})]
     previous = {"m": {"w": np.zeros(4, np.float32)}}
 
-    with pytest.raises(ValueError, match="'m'.*shape"):
+    with pytest.raises(ValueError, match=r"'m'.*shape"):
         aggregate({"m": _w(2.0)}, updates, {}, 2, momentum=0.5, previous=previous)
 
 
