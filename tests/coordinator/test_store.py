@@ -162,8 +162,22 @@ def test_alive_workers_are_those_with_recent_heartbeats(store: Store) -> None:
             .values(last_heartbeat=utcnow() - timedelta(minutes=10))
         )
     assert [w.id for w in store.alive_workers(60)] == [fresh]
+    # The driver's column reads agree with the rows
+    assert store.alive_worker_ids(60) == {fresh} and store.alive_count(60) == 1
+    assert store.worker_names() == {fresh: "fresh", stale: "stale"}
     store.heartbeat(stale, "idle", None)
     assert {w.id for w in store.alive_workers(60)} == {fresh, stale}
+    # A buffered heartbeat counts before the driver's next flush
+    assert store.alive_worker_ids(60) == {fresh, stale} and store.alive_count(60) == 2
+
+
+def test_task_states_are_the_rounds_worker_and_status_of_one_kind(store: Store) -> None:
+    job_id, worker_id = _job_with_round(store)
+    assert store.task_states(job_id, 1, "train") == [(worker_id, "offered")]
+    store.set_task_status("t1", "done")
+    assert store.task_states(job_id, 1, "train") == [(worker_id, "done")]
+    assert store.task_states(job_id, 1, "profile") == []
+    assert store.task_states(job_id, 2, "train") == []
 
 
 def test_offered_tasks_are_re_offered_until_finished(store: Store) -> None:
