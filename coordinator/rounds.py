@@ -26,7 +26,7 @@ import numpy as np
 from fedpilot.coordinator import metrics
 from fedpilot.coordinator.adapter_shapes import agreed_shapes
 from fedpilot.coordinator.db.blobs import BlobStore
-from fedpilot.coordinator.db.models import Job, Task, Worker
+from fedpilot.coordinator.db.models import Job, Profile, Task, Worker
 from fedpilot.coordinator.db.store import Store, utcnow
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.settings import CoordinatorSettings
@@ -170,7 +170,7 @@ class RoundDriver:
         missing = [w for w in participants if w.id not in profiles]
         deadline = utcnow() + timedelta(seconds=spec.profile_deadline_s)
         if not missing:
-            self._assign(job, spec, number, [w.id for w in participants])
+            self._assign(job, spec, number, [w.id for w in participants], profiles)
             return
         tasks = [
             Task(
@@ -200,20 +200,23 @@ class RoundDriver:
         number = job.current_round
         rnd = self.store.round(job.id, number)
         assert rnd is not None
-        tasks = self.store.tasks(job.id, number, "profile")
-        pending = [t for t in tasks if t.status == "offered"]
-        holders = [t.worker_id for t in pending]
-        if pending and utcnow() < rnd.deadline_at and self._any_holder_alive(holders):
+        holders = [
+            w
+            for w, status in self.store.task_states(job.id, number, "profile")
+            if status == "offered"
+        ]
+        if holders and utcnow() < rnd.deadline_at and self._any_holder_alive(holders):
             return  # a worker that died while profiling need not hold the round
-        for t in pending:
-            self.store.set_task_status(t.id, "straggler", "no profile before the deadline")
+        for t in self.store.tasks(job.id, number, "profile") if holders else []:
+            if t.status == "offered":
+                self.store.set_task_status(t.id, "straggler", "no profile before the deadline")
         profiles = self.store.profiles(job.id)
         ready = [w for w in rnd.participants if w in profiles]
         if not ready:
             # Nobody could profile: start the round over with whoever is alive then.
             self.store.set_job_state(job.id, "waiting", current_round=number - 1)
             return
-        self._assign(job, spec, number, ready)
+        self._assign(job, spec, number, ready, profiles)
 
     # -- assignment ----------------------------------------------------------------------
 
@@ -236,8 +239,17 @@ class RoundDriver:
             k: list(v.shape) for k, v in decode_tensors(self.blobs.read(version.sha256)).items()
         }
 
-    def _assign(self, job: Job, spec: JobSpec, number: int, participant_ids: list[str]) -> None:
-        profiles = self.store.profiles(job.id)
+    def _assign(
+        self,
+        job: Job,
+        spec: JobSpec,
+        number: int,
+        participant_ids: list[str],
+        profiles: Mapping[str, Profile] | None = None,
+    ) -> None:
+        """``profiles``: the job's, when the caller just read them (thousands of memory
+        models are worth reading once)."""
+        profiles = self.store.profiles(job.id) if profiles is None else profiles
         # Shapes most participants agree on (each checked against the model and the spec
         # when reported), never one worker's alone.
         agreed = agreed_shapes([profiles[w].tensors for w in participant_ids])

@@ -144,7 +144,8 @@ def still_rising(
 
 def above_bound(summary: Sequence[Mapping[str, Any]], setting: str) -> list[str]:
     """Constrained methods whose mean final accuracy exceeds the unconstrained bound's:
-    the bound is only an upper bound in expectation, so say where it was not one."""
+    the bound is only an upper bound in expectation, so say where it was not one. Other
+    bounds (a stored run of an earlier configuration's bound) are not compared."""
     bound = [s for s in summary if s["setting"] == setting and s["method"] == "unconstrained"]
     if not bound:
         return []
@@ -153,7 +154,7 @@ def above_bound(summary: Sequence[Mapping[str, Any]], setting: str) -> list[str]
         s["method"]
         for s in summary
         if s["setting"] == setting
-        and s["method"] != "unconstrained"
+        and s["kind"] != "bound"
         and float(s["final"].mean) > top
     ]
 
