@@ -153,9 +153,7 @@ def above_bound(summary: Sequence[Mapping[str, Any]], setting: str) -> list[str]
     return [
         s["method"]
         for s in summary
-        if s["setting"] == setting
-        and s["kind"] != "bound"
-        and float(s["final"].mean) > top
+        if s["setting"] == setting and s["kind"] != "bound" and float(s["final"].mean) > top
     ]
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -291,6 +292,42 @@ def _fold_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+class _BufferPool:
+    """Zeroed 1-D buffers reused from round to round.
+
+    A first touch of fresh memory costs the kernel a zeroed page per 4 KiB: on
+    the measured machine 10 ms for a 5.3 MB accumulator, more than folding ten
+    updates into it. A coordinator aggregates one round after another, so the
+    accumulator and scratch blocks of the last round are kept (a few, bounded)
+    and handed to the next one.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self._keep = keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int, dtype: np.dtype, *, zero: bool = True) -> np.ndarray:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.size == size and buf.dtype == dtype:
+                    del self._free[i]
+                    break
+            else:
+                return np.zeros(size, dtype=dtype)
+        if zero:
+            buf.fill(0)
+        return buf
+
+    def give(self, *buffers: np.ndarray) -> None:
+        with self._lock:
+            self._free.extend(buffers)
+            del self._free[: max(0, len(self._free) - self._keep)]
+
+
+_BUFFERS = _BufferPool()
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Where a packed layout's values go, checked once per layout."""
@@ -377,12 +414,15 @@ class Aggregator:
             self._slots[(name, part)] = (size, n)
             size += n
         dtypes = [x.dtype for m in global_modules.values() for x in m.values()]
-        self._flat = np.zeros(size, dtype=np.result_type(np.float32, *dtypes))
+        dtype = np.result_type(np.float32, *dtypes)
+        self._flat = _BUFFERS.take(size, dtype)
         self._products: dict[str, ProductSum] = {}
         threads = min(fold_threads, max(1, size // _BLOCK))
-        self._scratches = [
-            np.empty(min(_BLOCK, max(1, size)), dtype=self._flat.dtype) for _ in range(threads)
-        ]
+        block = min(_BLOCK, max(1, size))
+        self._scratches = [_BUFFERS.take(block, dtype, zero=False) for _ in range(threads)]
+        # The buffers go back to the pool with the aggregator: nothing returned by
+        # result() is a view of them.
+        weakref.finalize(self, _BUFFERS.give, self._flat, *self._scratches)
         self._plans: dict[tuple[tuple[str, ...], tuple[tuple[int, ...], ...]], _Plan] = {}
 
     def _exact(self, module: Module) -> bool:

@@ -480,3 +480,19 @@ def test_exact_merge_is_the_truncated_svd_of_the_dense_step(clients, rule) -> No
     for u in trained:
         held.add(u.modules["m1"], u.num_samples)
     assert held.dense is (clients == 40)
+
+
+def test_an_accumulator_reused_from_an_earlier_round_starts_from_zero() -> None:
+    # Prepare: a round that leaves huge sums in its accumulator, then goes away
+    from fedpilot.core.aggregation import ClientUpdate, aggregate
+
+    g = {"m": {"w": np.zeros((64, 64), np.float32)}}
+    big = {"m": {"w": np.full((64, 64), 1e6, np.float32)}}
+    aggregate(g, [ClientUpdate("x", 7, big)], {}, 1, rule="fedavg")
+
+    # Execute: the next round of the same size gets that buffer back
+    ones = {"m": {"w": np.ones((64, 64), np.float32)}}
+    result = aggregate(g, [ClientUpdate("a", 3, ones)], {}, 2, rule="fedavg")
+
+    # Assert: only this round's update counts
+    np.testing.assert_array_equal(result.modules["m"]["w"], 1.0)
