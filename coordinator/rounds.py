@@ -58,6 +58,11 @@ Evaluator = Callable[[JobSpec, Mapping[str, Mapping[str, np.ndarray]]], dict[str
 """Scores a global adapter on the job's held-out set: ``{"eval_loss", "eval_accuracy"}``."""
 
 
+IMMEDIATE_STEPS = 8
+"""Ticks in a row without waiting while jobs keep changing state (one round's
+transitions take four or five)."""
+
+
 class RoundDriver:
     """Advances every active job one step per :meth:`tick`."""
 
@@ -87,24 +92,38 @@ class RoundDriver:
     def run(self, stop: threading.Event) -> None:
         """Tick until stopped. A failing tick is logged and counted, never fatal: one bad
         row must not stop every job (health checks see the failures and stalls)."""
+        streak = 0
         while not stop.is_set():
+            moved = False
             try:
-                self.tick()
+                moved = self.tick()
             except Exception:
                 self.errors += 1
                 metrics.DRIVER_ERRORS.inc()
                 log.exception("round driver: tick failed; carrying on")
             self.last_loop = time.monotonic()
             metrics.DRIVER_LAST_LOOP.set_to_current_time()
+            # A job that changed state takes its next step at once (a committed version
+            # is evaluated, and the next round assigned, without a tick's wait each),
+            # a bounded number of times in a row so a job that keeps changing cannot spin.
+            streak = streak + 1 if moved else 0
+            if moved and streak < IMMEDIATE_STEPS:
+                continue
+            streak = 0
             # Woken early by an accepted upload, so the last update of a round starts
             # aggregation at once instead of at the next tick.
             self.signals.wait_for_upload(self.settings.tick_seconds)
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
+        """One step for every active job; whether any job changed state or round."""
         metrics.ALIVE_WORKERS.set(self.store.alive_count(self.settings.heartbeat_timeout_s))
+        moved = False
         for job in self.store.jobs(ACTIVE):
+            before = (job.state, job.current_round)
             try:
                 self.advance(job)
+                now = self.store.job(job.id)
+                moved |= now is not None and (now.state, now.current_round) != before
             except Exception as e:  # one job's failure must not stop the others
                 error_id = uuid.uuid4().hex[:12]
                 log.exception("job %s: step failed (error id %s)", job.id, error_id)
@@ -116,6 +135,7 @@ class RoundDriver:
                         error=f"internal error {error_id} while {job.state} "
                         f"({type(e).__name__}); the coordinator's log has the details",
                     )
+        return moved
 
     def advance(self, job: Job) -> None:
         spec = JobSpec.model_validate(job.spec)
