@@ -24,4 +24,11 @@ def test_bench_load_reports_every_field_with_no_errors(pg_url: str) -> None:
     assert row["no_update_counted_twice"] is True
     assert row["registrations_per_s"] > 0 and row["coordinator_peak_rss_bytes"] > 0
     assert 0 < row["rpc_p50_ms"] <= row["rpc_p99_ms"]
-    assert set(row["by_method_p99_ms"]) >= {"Register", "Heartbeat", "UploadUpdate"}
+    # Every run registers, profiles, downloads and uploads; a heartbeat only when the
+    # run outlasts the 2 s interval, which two rounds of six workers need not.
+    assert set(row["by_method_p99_ms"]) >= {
+        "Register",
+        "ReportProfile",
+        "DownloadAdapter",
+        "UploadUpdate",
+    }
