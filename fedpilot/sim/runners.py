@@ -15,6 +15,7 @@ per round through Ray's object store.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
     from fedpilot.sim.engine import Simulation, TurnResult, VirtualClient
 
 Adapter = dict[str, dict[str, np.ndarray]]
+
+
+log = logging.getLogger(__name__)
+
+STARTUP_ATTEMPTS = 3
+"""Tries of ``ray.init`` on a local node that misses Ray's startup window."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,16 @@ class RayActors:
 
             if not ray.is_initialized():
                 self._started_ray = True
+                self._start_ray(ray)
+            remote = ray.remote(num_cpus=max(1, self.threads))(_TurnActor)
+            self._pool = ActorPool([remote.remote(self.threads) for _ in range(self.actors)])
+        return self._pool
+
+    def _start_ray(self, ray: Any, attempts: int = STARTUP_ATTEMPTS) -> None:
+        """``ray.init``, tried again when the local node misses Ray's fixed 30 s startup
+        window (its raylet and GCS start as processes, slow on a busy machine)."""
+        for attempt in range(1, attempts + 1):
+            try:
                 ray.init(
                     address=self.address,
                     num_cpus=None if self.address else self.actors * max(1, self.threads),
@@ -124,9 +141,12 @@ class RayActors:
                     log_to_driver=False,
                     configure_logging=False,
                 )
-            remote = ray.remote(num_cpus=max(1, self.threads))(_TurnActor)
-            self._pool = ActorPool([remote.remote(self.threads) for _ in range(self.actors)])
-        return self._pool
+                return
+            except Exception as e:
+                if attempt == attempts or "timed out during startup" not in str(e):
+                    raise
+                log.warning("Ray did not start in time (attempt %d of %d)", attempt, attempts)
+                ray.shutdown()
 
     def run(self, sim: Simulation, turns: Sequence[Turn], number: int) -> list[TurnResult]:
         import ray
