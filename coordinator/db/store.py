@@ -263,12 +263,14 @@ class Store:
 
     @retrying
     def alive_workers(self, timeout_s: float) -> list[Worker]:
-        self.flush_heartbeats()
-        since = utcnow() - timedelta(seconds=timeout_s)
+        alive = self._alive(timeout_s)
         with self.session() as s:
-            return list(
-                s.scalars(select(Worker).where(Worker.last_heartbeat >= since).order_by(Worker.id))
-            )
+            return list(s.scalars(select(Worker).where(alive).order_by(Worker.id)))
+
+    def _alive(self, timeout_s: float) -> Any:
+        """The condition "heard within ``timeout_s``", buffered heartbeats written first."""
+        self.flush_heartbeats()
+        return Worker.last_heartbeat >= utcnow() - timedelta(seconds=timeout_s)
 
     # The round driver reads liveness on every tick, and a tick follows every accepted
     # upload: these read columns, not ORM rows (500 Worker objects per tick made the
@@ -276,17 +278,15 @@ class Store:
 
     @retrying
     def alive_count(self, timeout_s: float) -> int:
-        self.flush_heartbeats()
-        since = utcnow() - timedelta(seconds=timeout_s)
+        alive = self._alive(timeout_s)
         with self.session() as s:
-            return int(s.scalar(select(func.count()).where(Worker.last_heartbeat >= since)) or 0)
+            return int(s.scalar(select(func.count()).where(alive)) or 0)
 
     @retrying
     def alive_worker_ids(self, timeout_s: float) -> set[str]:
-        self.flush_heartbeats()
-        since = utcnow() - timedelta(seconds=timeout_s)
+        alive = self._alive(timeout_s)
         with self.session() as s:
-            return set(s.scalars(select(Worker.id).where(Worker.last_heartbeat >= since)))
+            return set(s.scalars(select(Worker.id).where(alive)))
 
     @retrying
     def worker_names(self) -> dict[str, str]:

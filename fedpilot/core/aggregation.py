@@ -720,14 +720,11 @@ class Aggregator:
         ``(1 - step + step * stale) W + (step / denom) sums``: two passes per tensor."""
         keep, scale = 1.0 - step + step * stale, step / denom
         new = {}
-        scratch = self._scratches[0]
         for part, x in current.items():
             start, length = self._slots[(name, part)]
             sums = self._flat[start : start + length].reshape(x.shape)
             out = sums * sums.dtype.type(scale)
-            if keep != 0.0 and x.dtype == out.dtype and x.size <= scratch.size:
-                out += np.multiply(x, out.dtype.type(keep), out=scratch[: x.size].reshape(x.shape))
-            elif keep != 0.0:
+            if keep != 0.0:
                 out += x * keep
             new[part] = out.astype(x.dtype, copy=False)
         return new
