@@ -95,6 +95,13 @@ class AggregationSpec(BaseModel):
             "its last global change (heavy-ball FedAvgM; factors merge only).",
         ),
     ] = 0.5
+    restart: Annotated[
+        bool,
+        Field(
+            description="Drop a module's momentum for a round when its step points against "
+            "its last global change (adaptive gradient restart).",
+        ),
+    ] = False
 
     @model_validator(mode="after")
     def _momentum_needs_factors(self) -> AggregationSpec:

@@ -430,6 +430,7 @@ class RoundDriver:
             ema_decay=agg.ema_decay,
             momentum=agg.momentum,
             previous=self._previous_modules(job.id, latest.version) if agg.momentum else None,
+            restart=agg.restart,
         )
         # A fixed order (worker name, then id), not arrival: same round, same bits.
         names = self.store.worker_names()
@@ -464,6 +465,7 @@ class RoundDriver:
             "train_loss_after": weighted["after"] / n,
             "updates": len(used),
             "samples": int(weighted["n"]),
+            "momentum_restarts": len(result.restarted),
             "bytes_in": bytes_in,
             "bytes_out": latest.byte_count * sum(t.status in ("done", "straggler") for t in tasks),
             "aggregate_seconds": seconds,

@@ -74,7 +74,10 @@ METHODS: tuple[Method, ...] = (
     Method("paper", "paper", _agg(dwa=PAPER_STEP, **NO_MOMENTUM)),
     # Changes to the default, one at a time.
     Method("no-momentum", "ablation", _agg(**NO_MOMENTUM)),
-    Method("momentum-0.8", "ablation", _agg(momentum=0.8)),
+    Method("momentum-0.8", "ablation", _agg(momentum=0.8, restart=False)),
+    Method("momentum-0.3", "ablation", _agg(momentum=0.3, restart=False)),
+    Method("momentum-restart", "fix", _agg(momentum=0.5, restart=True)),
+    Method("momentum-0.8-restart", "fix", _agg(momentum=0.8, restart=True)),
     Method("convex-dwa", "ablation", _agg(dwa={"coverage": False})),
     Method("fresh-ig", "fix", {}, sim={"fresh_scores": True}),
     Method("forget-scores", "ablation", {}, sim={"keep_scores": False}),
@@ -98,11 +101,14 @@ METHODS: tuple[Method, ...] = (
     Method("top-down", "baseline", {"strategy": "top-down", **_agg(**NO_MOMENTUM)}),
     Method("fedavg", "baseline", _agg(rule="fedavg", **NO_MOMENTUM)),
     # The same server momentum given to baselines: how much of a gain is momentum alone.
-    Method("fedavgm", "baseline", _agg(rule="fedavg")),
+    Method("fedavgm", "baseline", _agg(rule="fedavg", momentum=0.5, restart=False)),
     Method(
         "fedra-momentum",
         "baseline",
-        {"strategy": "fedra", **_agg(dwa={"gamma": 0.0, **PAPER_STEP})},
+        {
+            "strategy": "fedra",
+            **_agg(dwa={"gamma": 0.0, **PAPER_STEP}, momentum=0.5, restart=False),
+        },
     ),
     Method("unconstrained", "bound", {"strategy": "full"}, budgets=UNCONSTRAINED),
 )

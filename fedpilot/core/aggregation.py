@@ -21,7 +21,11 @@ Clients send only the modules they trained.
   ``W' = W + step (Agg - W) + beta (W - W_prev)``, the heavy-ball form of
   FedAvgM (Hsu et al., 2019) whose only state is the previous global adapter,
   which the coordinator keeps anyway. A module nobody trains this round stays
-  where it is, so its momentum starts again from zero.
+  where it is, so its momentum starts again from zero. With ``restart``, a
+  module whose step this round points against its last change
+  (``<step, W - W_prev> < 0``) takes no momentum this round: the gradient
+  restart of O'Donoghue and Candes (2015), which stops the heavy ball from
+  carrying a module past the clients' consensus when they turn it back.
 - **FedAvg** (``rule="fedavg"``): the baseline; every participant counts for
   every module, and one that did not train ``m`` contributes the stale global value.
 
@@ -185,6 +189,8 @@ class AggregationResult:
     """Per aggregated module: the server step ``eta_m`` used."""
     changes: dict[str, float] = field(default_factory=dict)
     """Per aggregated module: relative change of ``B A`` (or of the weights)."""
+    restarted: tuple[str, ...] = ()
+    """Modules whose server momentum was dropped this round (``restart``)."""
 
 
 def is_lora(module: Module) -> bool:
@@ -369,11 +375,13 @@ class Aggregator:
         fold_threads: int = FOLD_THREADS,
         momentum: float = 0.0,
         previous: Mapping[str, Module] | None = None,
+        restart: bool = False,
     ) -> None:
         """``fold_threads``: threads that fold one update in (1 = the calling thread only);
         an adapter smaller than two blocks always folds in one. ``momentum`` in [0, 1)
         with ``previous``, the global adapter one version before ``global_modules``
-        (none in the first round: no momentum yet)."""
+        (none in the first round: no momentum yet); ``restart`` drops it for a
+        module whose step turns against its last change."""
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if momentum and Merge(merge) is Merge.EXACT:
@@ -383,6 +391,7 @@ class Aggregator:
             )
         self._momentum = momentum
         self._previous = previous if momentum else None
+        self._restart = restart
         self._global = global_modules
         self._stats = dict(stats)
         self._round = round_number
@@ -675,6 +684,7 @@ class Aggregator:
         steps: dict[str, float] = {}
         changes: dict[str, float] = {}
         scored: list[tuple[str, Module, Module]] = []
+        restarted: list[str] = []
         for name, contributors in self._samples.items():
             current = self._global[name]
             if self._rule is Rule.FEDAVG:
@@ -698,7 +708,8 @@ class Aggregator:
                 )
                 continue
             new = self._merge_factors(name, current, denom, stale, step)
-            self._add_momentum(name, current, new)
+            if not self._add_momentum(name, current, new):
+                restarted.append(name)
             modules[name] = new
             if is_lora(current):
                 scored.append((name, current, new))
@@ -711,7 +722,7 @@ class Aggregator:
         ):
             changes[name] = relative_change(delta, norm)
         stats = update_global_scores(stats, changes, self._round, decay=self._decay)
-        return AggregationResult(modules, stats, weights, steps, changes)
+        return AggregationResult(modules, stats, weights, steps, changes, tuple(restarted))
 
     def _merge_factors(
         self, name: str, current: Module, denom: float, stale: float, step: float
@@ -729,20 +740,33 @@ class Aggregator:
             new[part] = out.astype(x.dtype, copy=False)
         return new
 
-    def _add_momentum(self, name: str, current: Module, new: dict[str, np.ndarray]) -> None:
-        """``new += beta (W - W_prev)`` where the previous version has the module."""
+    def _add_momentum(self, name: str, current: Module, new: dict[str, np.ndarray]) -> bool:
+        """``new += beta (W - W_prev)`` where the previous version has the module,
+        unless ``restart`` and this round's step ``new - W`` points against it
+        (then False: the module restarted)."""
         before = self._previous.get(name) if self._previous is not None else None
         if before is None or before.keys() != current.keys():
-            return
-        beta = self._momentum
+            return True
         for part, x in current.items():
-            old = before[part]
-            if old.shape != x.shape:
+            if before[part].shape != x.shape:
                 raise ValueError(
-                    f"module {name!r}, {part}: previous version has shape {old.shape}, "
-                    f"current {x.shape}"
+                    f"module {name!r}, {part}: previous version has shape "
+                    f"{before[part].shape}, current {x.shape}"
                 )
-            new[part] += (x - old).astype(new[part].dtype, copy=False) * new[part].dtype.type(beta)
+        velocity = {
+            part: (x - before[part]).astype(new[part].dtype, copy=False)
+            for part, x in current.items()
+        }
+        if self._restart:
+            agreement = sum(
+                float(np.vdot(new[part] - x, velocity[part])) for part, x in current.items()
+            )
+            if agreement < 0.0:
+                return False
+        beta = self._momentum
+        for part, v in velocity.items():
+            new[part] += v * new[part].dtype.type(beta)
+        return True
 
     def _merge_product(
         self, current: Module, sums: ProductSum, denom: float, stale: float, step: float
@@ -841,6 +865,7 @@ def aggregate(
     ema_decay: float = DEFAULT_EMA_DECAY,
     momentum: float = 0.0,
     previous: Mapping[str, Module] | None = None,
+    restart: bool = False,
 ) -> AggregationResult:
     """Aggregate ``updates`` in one call (see :class:`Aggregator`)."""
     agg = Aggregator(
@@ -853,6 +878,7 @@ def aggregate(
         ema_decay=ema_decay,
         momentum=momentum,
         previous=previous,
+        restart=restart,
     )
     for update in updates:
         agg.add(update)

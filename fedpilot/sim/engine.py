@@ -385,6 +385,7 @@ class Simulation:
             ema_decay=agg.ema_decay,
             momentum=agg.momentum,
             previous=previous,
+            restart=agg.restart,
         )
         for u in fixed_order(updates, key=lambda u: u.client):
             aggregator.add(u)

@@ -59,3 +59,32 @@ def test_momentum_needs_the_factors_merge() -> None:
         JobSpec.model_validate({"aggregation": {"merge": "exact", "momentum": 0.5}})
     with pytest.raises(ValidationError, match="momentum"):
         JobSpec.model_validate({"aggregation": {"momentum": 0.99}})
+
+
+def test_restart_drops_momentum_where_the_step_turns_against_the_last_change() -> None:
+    # Prepare: "back" moved 1 -> 2 and clients now pull it down to 1; "on" moved
+    # 1 -> 2 and clients pull it further up to 4
+    previous = {"back": _w(1.0), "on": _w(1.0)}
+    current = {"back": _w(2.0), "on": _w(2.0)}
+    updates = [ClientUpdate("a", 10, {"back": _w(1.0), "on": _w(4.0)})]
+
+    # Execute
+    kept = aggregate(current, updates, {}, 3, rule="fedavg", momentum=0.5, previous=previous)
+    restarted = aggregate(
+        current, updates, {}, 3, rule="fedavg", momentum=0.5, previous=previous, restart=True
+    )
+
+    # Assert: without restart both carry +0.5; with it only the module still
+    # moving the same way does, and the result names the one that restarted
+    np.testing.assert_allclose(kept.modules["back"]["w"], 1.5)
+    np.testing.assert_allclose(restarted.modules["back"]["w"], 1.0)
+    np.testing.assert_allclose(restarted.modules["on"]["w"], 4.5)
+    assert restarted.restarted == ("back",)
+    assert kept.restarted == ()
+
+
+def test_restart_is_a_job_spec_field_off_by_default() -> None:
+    assert JobSpec().aggregation.restart is False
+    assert JobSpec.model_validate({"aggregation": {"restart": True}}).aggregation.restart
+    with pytest.raises(ValidationError, match="restart"):
+        JobSpec.model_validate({"aggregation": {"restart": "sometimes"}})
