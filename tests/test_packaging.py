@@ -26,6 +26,7 @@ DATA_FOLDERS = {
     "coordinator/db/migrations/versions": "fedpilot.coordinator.db.migrations.versions",
     "fedpilot/datasets/banking77": "fedpilot.datasets.banking77",
     "fedpilot/datasets/spamassassin": "fedpilot.datasets.spamassassin",
+    "fedpilot/datasets/sotu": "fedpilot.datasets.sotu",
 }
 WARNINGS = ("Warning:", "would be ignored", "is absent from the `packages`", "deprecated")
 
@@ -55,6 +56,7 @@ def test_the_repository_folders_hold_what_the_services_read() -> None:
         files["fedpilot.datasets.banking77"]
     )
     assert {"data.csv", "LICENSE", "README.md"} <= set(files["fedpilot.datasets.spamassassin"])
+    assert {"data.csv", "LICENSE", "README.md"} <= set(files["fedpilot.datasets.sotu"])
 
 
 @pytest.fixture(scope="module")
