@@ -87,7 +87,10 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # No pre-ping: it cost a round trip per checkout (a tenth of the coordinator's CPU at
+    # 500 workers); a connection the server dropped fails its first statement instead,
+    # which invalidates the pool, and every store call retries (``retrying``).
+    return create_engine(url, pool_size=10, max_overflow=20)
 
 
 INT32 = 2**31
@@ -128,6 +131,9 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._reads = sessionmaker(
+            engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+        )
         self._known: dict[str, Worker] = {}
         self._by_token: dict[str, Worker] = {}
         """Authenticated workers by token hash (the same reasoning as ``_known``)."""
@@ -145,7 +151,14 @@ class Store:
         return cls(engine)
 
     def session(self) -> Session:
+        """A session for writes: ``with self.session() as s, s.begin():``."""
         return self._sessions()
+
+    def reading(self) -> Session:
+        """A session for reads, without a transaction: no BEGIN before and no ROLLBACK
+        after each read (two round trips of three). Each statement sees committed data,
+        as under PostgreSQL's default READ COMMITTED; nothing written here is kept."""
+        return self._reads()
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -172,7 +185,7 @@ class Store:
     def authenticate(self, worker_id: str, token: str) -> Worker:
         worker = self._known.get(worker_id)
         if worker is None:
-            with self.session() as s:
+            with self.reading() as s:
                 worker = s.get(Worker, worker_id) if plausible_id(worker_id) else None
         expected = worker.token_hash if worker is not None else hash_token(secrets.token_hex(8))
         if not hmac.compare_digest(expected, hash_token(token)) or worker is None:
@@ -191,7 +204,7 @@ class Store:
         digest = hash_token(token)
         worker = self._by_token.get(digest)
         if worker is None:
-            with self.session() as s:
+            with self.reading() as s:
                 worker = s.scalar(select(Worker).where(Worker.token_hash == digest).limit(1))
             if worker is None:
                 return None
@@ -258,13 +271,13 @@ class Store:
     @retrying
     def workers(self) -> list[Worker]:
         self.flush_heartbeats()
-        with self.session() as s:
+        with self.reading() as s:
             return list(s.scalars(select(Worker).order_by(Worker.registered_at)))
 
     @retrying
     def alive_workers(self, timeout_s: float) -> list[Worker]:
         alive = self._alive(timeout_s)
-        with self.session() as s:
+        with self.reading() as s:
             return list(s.scalars(select(Worker).where(alive).order_by(Worker.id)))
 
     def _alive(self, timeout_s: float) -> Any:
@@ -279,19 +292,19 @@ class Store:
     @retrying
     def alive_count(self, timeout_s: float) -> int:
         alive = self._alive(timeout_s)
-        with self.session() as s:
+        with self.reading() as s:
             return int(s.scalar(select(func.count()).where(alive)) or 0)
 
     @retrying
     def alive_worker_ids(self, timeout_s: float) -> set[str]:
         alive = self._alive(timeout_s)
-        with self.session() as s:
+        with self.reading() as s:
             return set(s.scalars(select(Worker.id).where(alive)))
 
     @retrying
     def worker_names(self) -> dict[str, str]:
         """Worker id -> name."""
-        with self.session() as s:
+        with self.reading() as s:
             return {wid: name for wid, name in s.execute(select(Worker.id, Worker.name))}
 
     # -- jobs ------------------------------------------------------------------------------
@@ -307,7 +320,7 @@ class Store:
     def job(self, job_id: str) -> Job | None:
         if not plausible_id(job_id):
             return None
-        with self.session() as s:
+        with self.reading() as s:
             return s.get(Job, job_id)
 
     @retrying
@@ -315,7 +328,7 @@ class Store:
         query = select(Job).order_by(Job.created_at)
         if states is not None:
             query = query.where(Job.state.in_(list(states)))
-        with self.session() as s:
+        with self.reading() as s:
             return list(s.scalars(query))
 
     @retrying
@@ -356,14 +369,14 @@ class Store:
 
     @retrying
     def profiles(self, job_id: str) -> dict[str, Profile]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.scalars(select(Profile).where(Profile.job_id == job_id))
             return {p.worker_id: p for p in rows}
 
     @retrying
     def latest_profiles(self) -> dict[str, Profile]:
         """The newest profile of every worker that has one (any job)."""
-        with self.session() as s:
+        with self.reading() as s:
             out: dict[str, Profile] = {}
             for p in s.scalars(select(Profile).order_by(Profile.created_at, Profile.id)):
                 out[p.worker_id] = p
@@ -409,12 +422,12 @@ class Store:
 
     @retrying
     def round(self, job_id: str, number: int) -> Round | None:
-        with self.session() as s:
+        with self.reading() as s:
             return s.get(Round, (job_id, number))
 
     @retrying
     def rounds(self, job_id: str) -> list[Round]:
-        with self.session() as s:
+        with self.reading() as s:
             return list(
                 s.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.number))
             )
@@ -463,7 +476,7 @@ class Store:
     def task(self, task_id: str) -> Task | None:
         if not plausible_id(task_id):
             return None
-        with self.session() as s:
+        with self.reading() as s:
             return s.get(Task, task_id)
 
     @retrying
@@ -471,7 +484,7 @@ class Store:
         query = select(Task).where(Task.job_id == job_id, Task.round == number)
         if kind is not None:
             query = query.where(Task.kind == kind)
-        with self.session() as s:
+        with self.reading() as s:
             return list(s.scalars(query.order_by(Task.created_at, Task.id)))
 
     @retrying
@@ -481,7 +494,7 @@ class Store:
         query = select(Task.worker_id, Task.status).where(
             Task.job_id == job_id, Task.round == number, Task.kind == kind
         )
-        with self.session() as s:
+        with self.reading() as s:
             return [(wid, status) for wid, status in s.execute(query)]
 
     @retrying
@@ -503,13 +516,13 @@ class Store:
             ranked = ranked.where(Task.job_id == job_id)
         sub = ranked.subquery()
         query = select(Task).join(sub, Task.id == sub.c.id).where(sub.c.newest == 1)
-        with self.session() as s:
+        with self.reading() as s:
             return {t.worker_id: t for t in s.scalars(query)}
 
     @retrying
     def offered_task(self, worker_id: str) -> Task | None:
         """The oldest task offered to the worker and not yet finished (re-offered until then)."""
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalar(
                 select(Task)
                 .where(Task.worker_id == worker_id, Task.status == "offered")
@@ -591,7 +604,7 @@ class Store:
                 return UpdateRecord(row.id, False)
         except IntegrityError:
             # A concurrent retry of the same upload won the race.
-            with self.session() as s:
+            with self.reading() as s:
                 existing = self._existing_update(s, row)
             if existing is None:
                 raise
@@ -600,7 +613,7 @@ class Store:
     @retrying
     def update_of(self, job_id: str, number: int, worker_id: str) -> Update | None:
         """One worker's update of a round, if it sent one (one indexed row, not the round's)."""
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalar(
                 select(Update).where(
                     Update.job_id == job_id, Update.round == number, Update.worker_id == worker_id
@@ -609,7 +622,7 @@ class Store:
 
     @retrying
     def updates(self, job_id: str, number: int) -> list[Update]:
-        with self.session() as s:
+        with self.reading() as s:
             return list(
                 s.scalars(
                     select(Update)
@@ -643,7 +656,7 @@ class Store:
 
     @retrying
     def rejections(self, job_id: str) -> list[Rejection]:
-        with self.session() as s:
+        with self.reading() as s:
             return list(
                 s.scalars(
                     select(Rejection).where(Rejection.job_id == job_id).order_by(Rejection.id)
@@ -654,7 +667,7 @@ class Store:
 
     @retrying
     def latest_version(self, job_id: str) -> AdapterVersion | None:
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalar(
                 select(AdapterVersion)
                 .where(AdapterVersion.job_id == job_id)
@@ -666,12 +679,12 @@ class Store:
     def version(self, job_id: str, version: int) -> AdapterVersion | None:
         if not plausible_id(job_id) or not 0 <= version < INT32:
             return None
-        with self.session() as s:
+        with self.reading() as s:
             return s.get(AdapterVersion, (job_id, version))
 
     @retrying
     def versions(self, job_id: str) -> list[AdapterVersion]:
-        with self.session() as s:
+        with self.reading() as s:
             return list(
                 s.scalars(
                     select(AdapterVersion)
@@ -682,7 +695,7 @@ class Store:
 
     @retrying
     def module_stats(self, job_id: str) -> dict[str, ModuleStats]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.scalars(select(ModuleStat).where(ModuleStat.job_id == job_id))
             return {r.module: ModuleStats(r.update_count, r.last_round, r.score) for r in rows}
 
@@ -747,12 +760,12 @@ class Store:
     @retrying
     def referenced_blobs(self) -> set[str]:
         """Every sha256 a row points at (updates and adapter versions)."""
-        with self.session() as s:
+        with self.reading() as s:
             return set(s.scalars(select(Update.sha256))) | set(
                 s.scalars(select(AdapterVersion.sha256))
             )
 
     @retrying
     def count(self, model: type[Any]) -> int:
-        with self.session() as s:
+        with self.reading() as s:
             return int(s.scalar(select(func.count()).select_from(model)) or 0)
