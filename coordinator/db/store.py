@@ -139,6 +139,9 @@ class Store:
         """Authenticated workers by token hash (the same reasoning as ``_known``)."""
         """Authenticated workers by id: a worker's token hash never changes, so every call
         after the first skips the database (at 500 workers that was most of its load)."""
+        self._versions: dict[tuple[str, int], AdapterVersion] = {}
+        """Committed adapter versions (never changed once written, and jobs are never
+        deleted): every download and upload looked its version up by key."""
         self._beats: dict[str, tuple[datetime, str, str | None]] = {}
         """Heartbeats not yet written; flushed in one statement before liveness is read."""
         self._beats_lock = threading.Lock()
@@ -679,8 +682,15 @@ class Store:
     def version(self, job_id: str, version: int) -> AdapterVersion | None:
         if not plausible_id(job_id) or not 0 <= version < INT32:
             return None
-        with self.reading() as s:
-            return s.get(AdapterVersion, (job_id, version))
+        row = self._versions.get((job_id, version))
+        if row is None:
+            with self.reading() as s:
+                row = s.get(AdapterVersion, (job_id, version))
+            if row is not None:
+                if len(self._versions) >= 100_000:
+                    self._versions.clear()
+                self._versions[(job_id, version)] = row
+        return row
 
     @retrying
     def versions(self, job_id: str) -> list[AdapterVersion]:

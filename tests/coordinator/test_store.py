@@ -119,6 +119,7 @@ def test_version_commit_is_all_or_nothing(store: Store, monkeypatch) -> None:
         )
     monkeypatch.undo()
     assert store.latest_version(job_id) is None
+    assert store.version(job_id, 1) is None  # a miss is not remembered
     assert store.module_stats(job_id) == {}
     assert store.round(job_id, 1).closed_at is None
     assert store.job(job_id).state == "training"
@@ -134,6 +135,8 @@ def test_version_commit_is_all_or_nothing(store: Store, monkeypatch) -> None:
         job_state="done",
     )
     assert store.latest_version(job_id).sha256 == "b" * 64
+    assert store.version(job_id, 1).sha256 == "b" * 64
+    assert store.version(job_id, 1) is store.version(job_id, 1)  # committed rows are cached
     assert store.module_stats(job_id) == stats
     assert store.round(job_id, 1).closed_at is not None
     assert store.job(job_id).state == "done"
