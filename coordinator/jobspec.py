@@ -94,14 +94,14 @@ class AggregationSpec(BaseModel):
             description="Server momentum: each aggregated module also moves by this times "
             "its last global change (heavy-ball FedAvgM; factors merge only).",
         ),
-    ] = 0.5
+    ] = 0.8
     restart: Annotated[
         bool,
         Field(
             description="Drop a module's momentum for a round when its step points against "
             "its last global change (adaptive gradient restart).",
         ),
-    ] = False
+    ] = True
 
     @model_validator(mode="after")
     def _momentum_needs_factors(self) -> AggregationSpec:

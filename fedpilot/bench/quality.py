@@ -66,7 +66,7 @@ def _agg(**kwargs: Any) -> dict[str, Any]:
 PAPER_STEP = {"convex": False, "coverage": False}
 """The paper's DWA step (``eta_m`` up to ``eta_max``, no coverage damping)."""
 
-NO_MOMENTUM = {"momentum": 0.0}
+NO_MOMENTUM = {"momentum": 0.0, "restart": False}
 """Methods defined without server momentum (the paper's, the published baselines) pin it off."""
 
 METHODS: tuple[Method, ...] = (
@@ -74,10 +74,10 @@ METHODS: tuple[Method, ...] = (
     Method("paper", "paper", _agg(dwa=PAPER_STEP, **NO_MOMENTUM)),
     # Changes to the default, one at a time.
     Method("no-momentum", "ablation", _agg(**NO_MOMENTUM)),
+    Method("momentum-0.5", "ablation", _agg(momentum=0.5, restart=False)),
+    Method("momentum-0.5-restart", "ablation", _agg(momentum=0.5, restart=True)),
     Method("momentum-0.8", "ablation", _agg(momentum=0.8, restart=False)),
     Method("momentum-0.3", "ablation", _agg(momentum=0.3, restart=False)),
-    Method("momentum-restart", "fix", _agg(momentum=0.5, restart=True)),
-    Method("momentum-0.8-restart", "fix", _agg(momentum=0.8, restart=True)),
     Method("convex-dwa", "ablation", _agg(dwa={"coverage": False})),
     Method("fresh-ig", "fix", {}, sim={"fresh_scores": True}),
     Method("forget-scores", "ablation", {}, sim={"keep_scores": False}),
@@ -100,8 +100,10 @@ METHODS: tuple[Method, ...] = (
     Method("random", "baseline", {"strategy": "random", **_agg(**NO_MOMENTUM)}),
     Method("top-down", "baseline", {"strategy": "top-down", **_agg(**NO_MOMENTUM)}),
     Method("fedavg", "baseline", _agg(rule="fedavg", **NO_MOMENTUM)),
-    # The same server momentum given to baselines: how much of a gain is momentum alone.
+    # Server momentum given to baselines: how much of a gain is momentum alone. FedAvgM
+    # as published (0.5, no restart), and FedAvg with the default's momentum and restart.
     Method("fedavgm", "baseline", _agg(rule="fedavg", momentum=0.5, restart=False)),
+    Method("fedavgm-restart", "baseline", _agg(rule="fedavg")),
     Method(
         "fedra-momentum",
         "baseline",
@@ -114,13 +116,14 @@ METHODS: tuple[Method, ...] = (
 )
 """Every compared method. ``fedpilot`` is the shipped default (knapsack over
 IG-Scores with lambda 0.5, STAgg with the convex, coverage-damped DWA step,
-server momentum 0.5, ``factors`` merge); ``paper`` is the paper's step
-(``eta_m`` up to 2, no damping, no momentum); each other row changes one thing
-of the default, except the baselines. ``exclusive`` is the ``full`` strategy:
-only clients that fit every module train. ``fedra`` aggregates per module over
-its trainers (gamma 0), as FedRA averages each layer over the clients that
-trained it. ``fedavgm`` and ``fedra-momentum`` are FedAvg and FedRA with the
-default's server momentum."""
+server momentum 0.8 with adaptive restart, ``factors`` merge); ``paper`` is the
+paper's step (``eta_m`` up to 2, no damping, no momentum); each other row
+changes one thing of the default, except the baselines. ``exclusive`` is the
+``full`` strategy: only clients that fit every module train. ``fedra``
+aggregates per module over its trainers (gamma 0), as FedRA averages each layer
+over the clients that trained it. ``fedavgm`` and ``fedra-momentum`` are FedAvg
+and FedRA with server momentum 0.5 (FedAvgM); ``fedavgm-restart`` is FedAvg with
+the default's momentum and restart."""
 
 METHOD_NAMES = tuple(m.name for m in METHODS)
 CLUSTER_METHODS = tuple(m.name for m in METHODS if not m.sim_only)

@@ -83,8 +83,8 @@ def test_restart_drops_momentum_where_the_step_turns_against_the_last_change() -
     assert kept.restarted == ()
 
 
-def test_restart_is_a_job_spec_field_off_by_default() -> None:
-    assert JobSpec().aggregation.restart is False
-    assert JobSpec.model_validate({"aggregation": {"restart": True}}).aggregation.restart
+def test_restart_is_a_job_spec_field_on_by_default() -> None:
+    assert JobSpec().aggregation.restart is True
+    assert not JobSpec.model_validate({"aggregation": {"restart": False}}).aggregation.restart
     with pytest.raises(ValidationError, match="restart"):
         JobSpec.model_validate({"aggregation": {"restart": "sometimes"}})
