@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fedpilot.bench.quality import load_split
 from fedpilot.datasets import BUNDLED_SOTU, BUNDLED_SPAMASSASSIN
 from fedpilot.worker.data import load_csv
@@ -51,3 +53,13 @@ def test_the_bench_splits_sotu_without_overlap() -> None:
     assert len(train_x) == 2400 and len(eval_x) == 600
     assert sorted(set(train_y)) == list(range(6)) and eval_y.count(5) == 100
     assert not set(train_x) & set(eval_x)
+
+
+def test_the_bench_takes_chosen_labels_and_names_an_unknown_one() -> None:
+    train_x, train_y, eval_x, _, names = load_split(
+        BUNDLED_SOTU, 2, 50, 10, seed=0, labels=("1790-1829", "1990-2029")
+    )
+    assert names == ["1790-1829", "1990-2029"]
+    assert len(train_x) == 100 and train_y.count(1) == 50 and len(eval_x) == 20
+    with pytest.raises(ValueError, match="'2100-2139'"):
+        load_split(BUNDLED_SOTU, 2, 50, 10, seed=0, labels=("1790-1829", "2100-2139"))

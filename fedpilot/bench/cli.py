@@ -119,6 +119,13 @@ def quality(
     ] = None,
     model: Annotated[str, typer.Option(help="Local HF model directory (default: MiniLM).")] = "",
     classes: Annotated[int | None, typer.Option(min=2)] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only these labels of the dataset (repeatable; default: the first "
+            "--classes labels by name)."
+        ),
+    ] = None,
     per_class: Annotated[
         int | None, typer.Option(min=1, help="Training examples per class.")
     ] = None,
@@ -185,7 +192,8 @@ def quality(
         "workers": workers,
         "rounds": rounds,
         "dataset": dataset,
-        "classes": classes,
+        "classes": len(label) if label else classes,
+        "labels": tuple(label) if label else None,
         "per_class": per_class,
         "eval_per_class": eval_per_class,
         "local_steps": local_steps,

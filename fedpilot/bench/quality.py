@@ -140,6 +140,8 @@ class QualityConfig:
     model: str = ""
     """Local HF model directory; empty = the bundled all-MiniLM-L6-v2."""
     classes: int = 20
+    labels: tuple[str, ...] = ()
+    """These label names instead of the first ``classes`` (sorted)."""
     per_class: int = 30
     eval_per_class: int = 10
     local_steps: int = 5
@@ -204,9 +206,15 @@ def parse_setting(text: str) -> tuple[str, float | None]:
 
 
 def load_split(
-    dataset: Path, classes: int, per_class: int, eval_per_class: int, seed: int
+    dataset: Path,
+    classes: int,
+    per_class: int,
+    eval_per_class: int,
+    seed: int,
+    labels: tuple[str, ...] = (),
 ) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
-    """Training and held-out examples of the first ``classes`` label names (sorted).
+    """Training and held-out examples of the first ``classes`` label names (sorted), or
+    of ``labels`` when given (each must be a label of the dataset).
 
     ``dataset`` is a folder with ``train.csv`` and ``test.csv`` (BANKING77's layout),
     or one CSV with text and label columns, split per class without overlap.
@@ -216,13 +224,13 @@ def load_split(
     rng = np.random.default_rng(seed)
     if dataset.is_dir():
         train = load_csv(dataset / "train.csv")
-        names = sorted(train.label_names)[:classes]
+        names = _chosen(train.label_names, classes, labels, dataset)
         test = load_csv(dataset / "test.csv", label_names=names)
         train = load_csv(dataset / "train.csv", label_names=names)
         sources = [(train, per_class, 0), (test, eval_per_class, 0)]
     else:
         data = load_csv(dataset)
-        names = sorted(data.label_names)[:classes]
+        names = _chosen(data.label_names, classes, labels, dataset)
         data = load_csv(dataset, label_names=names)
         sources = [(data, per_class, 0), (data, eval_per_class, per_class)]
     out: list[tuple[list[str], list[int]]] = []
@@ -241,6 +249,17 @@ def load_split(
     if not tr_x or not ev_x:
         raise ValueError(f"{dataset}: no training or held-out examples for {names}")
     return tr_x, tr_y, ev_x, ev_y, names
+
+
+def _chosen(
+    available: list[str], classes: int, labels: tuple[str, ...], dataset: Path
+) -> list[str]:
+    if not labels:
+        return sorted(available)[:classes]
+    unknown = sorted(set(labels) - set(available))
+    if unknown:
+        raise ValueError(f"{dataset}: no label {unknown[0]!r} (labels: {sorted(available)})")
+    return list(dict.fromkeys(labels))
 
 
 def partition(
@@ -437,7 +456,12 @@ def run_setting(
     out = (config.out / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     texts, labels, ev_texts, ev_labels, names = load_split(
-        config.dataset, config.classes, config.per_class, config.eval_per_class, config.seed
+        config.dataset,
+        config.classes,
+        config.per_class,
+        config.eval_per_class,
+        config.seed,
+        config.labels,
     )
     parts = partition(labels, config.workers, alpha, config.seed, min_size=config.batch_size)
     files = [
@@ -601,7 +625,12 @@ def _sim_seeds(
     for seed in range(config.seed, config.seed + config.seeds):
         out = (config.out / name / f"seed{seed}").resolve()
         texts, labels, ev_texts, ev_labels, names = load_split(
-            config.dataset, config.classes, config.per_class, config.eval_per_class, seed
+            config.dataset,
+            config.classes,
+            config.per_class,
+            config.eval_per_class,
+            seed,
+            config.labels,
         )
         parts = partition(labels, config.workers, alpha, seed, min_size=config.batch_size)
         files = [
@@ -664,6 +693,7 @@ def _sim_seeds(
                 "workers": config.workers,
                 "rounds": config.rounds,
                 "classes": len(names),
+                **({"labels": names} if config.labels else {}),
                 "wall_s": round(wall, 1),
                 **sim_result(result),
             }
