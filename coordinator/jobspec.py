@@ -94,7 +94,7 @@ class AggregationSpec(BaseModel):
             description="Server momentum: each aggregated module also moves by this times "
             "its last global change (heavy-ball FedAvgM; factors merge only).",
         ),
-    ] = 0.8
+    ] = 0.5
     restart: Annotated[
         bool,
         Field(

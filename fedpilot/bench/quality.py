@@ -75,7 +75,7 @@ METHODS: tuple[Method, ...] = (
     # Changes to the default, one at a time.
     Method("no-momentum", "ablation", _agg(**NO_MOMENTUM)),
     Method("momentum-0.5", "ablation", _agg(momentum=0.5, restart=False)),
-    Method("momentum-0.5-restart", "ablation", _agg(momentum=0.5, restart=True)),
+    Method("momentum-0.8-restart", "ablation", _agg(momentum=0.8, restart=True)),
     Method("momentum-0.8", "ablation", _agg(momentum=0.8, restart=False)),
     Method("momentum-0.3", "ablation", _agg(momentum=0.3, restart=False)),
     Method("convex-dwa", "ablation", _agg(dwa={"coverage": False})),
@@ -116,7 +116,7 @@ METHODS: tuple[Method, ...] = (
 )
 """Every compared method. ``fedpilot`` is the shipped default (knapsack over
 IG-Scores with lambda 0.5, STAgg with the convex, coverage-damped DWA step,
-server momentum 0.8 with adaptive restart, ``factors`` merge); ``paper`` is the
+server momentum 0.5 with adaptive restart, ``factors`` merge); ``paper`` is the
 paper's step (``eta_m`` up to 2, no damping, no momentum); each other row
 changes one thing of the default, except the baselines. ``exclusive`` is the
 ``full`` strategy: only clients that fit every module train. ``fedra``
