@@ -164,9 +164,10 @@ def test_a_worker_cut_off_without_a_close_is_left_behind(
 
             # Execute: cut b off while it holds its training task.
             def b_training() -> str | None:
-                names = _names(store)
+                # The name from the same row: a worker registering between two reads
+                # would be missing from a separately read name map.
                 return next(
-                    (w.id for w in store.workers() if names[w.id] == "b" and w.state == "training"),
+                    (w.id for w in store.workers() if w.name == "b" and w.state == "training"),
                     None,
                 )
 
@@ -211,10 +212,9 @@ def test_a_worker_killed_mid_upload_leaves_nothing_and_rejoins(
         monkeypatch.delenv("FEDPILOT_FAULT_UPLOAD_DELAY_S")
 
         def b_uploading() -> tuple[str, int] | None:
-            names = _names(store)
             current = store.job(job.id)
-            for w in store.workers():
-                if names[w.id] == "b" and w.state == "uploading" and current is not None:
+            for w in store.workers():  # the name from the same row (b may be registering)
+                if w.name == "b" and w.state == "uploading" and current is not None:
                     return w.id, current.current_round
             return None
 
