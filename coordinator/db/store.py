@@ -127,6 +127,14 @@ class UpdateRecord:
     duplicate: bool
 
 
+def _remember(cache: dict[Any, Any], key: Any, value: Any, limit: int = 100_000) -> None:
+    """Keep ``value`` in a cache of rows that never change; a full cache starts over
+    (bounded memory whatever ids a caller invents)."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -135,10 +143,10 @@ class Store:
             engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
         )
         self._known: dict[str, Worker] = {}
-        self._by_token: dict[str, Worker] = {}
-        """Authenticated workers by token hash (the same reasoning as ``_known``)."""
         """Authenticated workers by id: a worker's token hash never changes, so every call
         after the first skips the database (at 500 workers that was most of its load)."""
+        self._by_token: dict[str, Worker] = {}
+        """Authenticated workers by token hash (the same reasoning as ``_known``)."""
         self._versions: dict[tuple[str, int], AdapterVersion] = {}
         """Committed adapter versions (never changed once written, and jobs are never
         deleted): every download and upload looked its version up by key."""
@@ -193,9 +201,7 @@ class Store:
         expected = worker.token_hash if worker is not None else hash_token(secrets.token_hex(8))
         if not hmac.compare_digest(expected, hash_token(token)) or worker is None:
             raise AuthError("unknown worker or bad token")
-        if len(self._known) >= 100_000:
-            self._known.clear()
-        self._known[worker.id] = worker
+        _remember(self._known, worker.id, worker)
         return worker
 
     @retrying
@@ -211,9 +217,7 @@ class Store:
                 worker = s.scalar(select(Worker).where(Worker.token_hash == digest).limit(1))
             if worker is None:
                 return None
-            if len(self._by_token) >= 100_000:
-                self._by_token.clear()
-            self._by_token[digest] = worker
+            _remember(self._by_token, digest, worker)
         return worker
 
     @retrying
@@ -687,9 +691,7 @@ class Store:
             with self.reading() as s:
                 row = s.get(AdapterVersion, (job_id, version))
             if row is not None:
-                if len(self._versions) >= 100_000:
-                    self._versions.clear()
-                self._versions[(job_id, version)] = row
+                _remember(self._versions, (job_id, version), row)
         return row
 
     @retrying
