@@ -85,6 +85,9 @@ class RoundDriver:
         """When the last loop of :meth:`run` ended (health checks read it)."""
         self.errors = 0
         """Loops that failed and were carried on."""
+        self.awaited: dict[str, int] = {}
+        """Uploads each training job still awaited at the last tick: the driver wakes
+        early only for the upload that can close its round (:mod:`coordinator.signals`)."""
         self.started_at = utcnow()
         """Heartbeats sent while this coordinator was down were never received; see
         :meth:`_any_holder_alive`."""
@@ -95,6 +98,9 @@ class RoundDriver:
         streak = 0
         while not stop.is_set():
             moved = False
+            # Taken before the tick reads any task row: an upload accepted during the
+            # tick then counts towards the wake-up, at worst one tick too early.
+            mark = self.signals.upload_mark()
             try:
                 moved = self.tick()
             except Exception:
@@ -110,15 +116,18 @@ class RoundDriver:
             if moved and streak < IMMEDIATE_STEPS:
                 continue
             streak = 0
-            # Woken early by an accepted upload, so the last update of a round starts
-            # aggregation at once instead of at the next tick.
-            self.signals.wait_for_upload(self.settings.tick_seconds)
+            # Woken early by the upload that completes a round, so its aggregation
+            # starts at once instead of at the next tick.
+            self.signals.wait_for_uploads(mark, self.awaited, self.settings.tick_seconds)
 
     def tick(self) -> bool:
         """One step for every active job; whether any job changed state or round."""
         metrics.ALIVE_WORKERS.set(self.store.alive_count(self.settings.heartbeat_timeout_s))
         moved = False
-        for job in self.store.jobs(ACTIVE):
+        jobs = self.store.jobs(ACTIVE)
+        self.awaited = {}
+        self.signals.retain(job.id for job in jobs)
+        for job in jobs:
             before = (job.state, job.current_round)
             try:
                 self.advance(job)
@@ -363,6 +372,7 @@ class RoundDriver:
         assigned = [w for w, status in states if status in ("offered", "done", "straggler")]
         offered = [w for w, status in states if status == "offered"]
         done = [w for w, status in states if status == "done"]
+        self.awaited[job.id] = len(offered)
         now = utcnow()
         quorum = max(1, math.ceil(spec.quorum * len(assigned)))
         if offered and now < rnd.deadline_at:

@@ -575,7 +575,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             metrics.BYTES_IN.inc(size)
             metrics.WORKERS.set(metrics.WORKER_PEAK, worker.id, m.measured_peak_bytes)
             metrics.WORKERS.set(metrics.WORKER_PREDICTED, worker.id, m.predicted_peak_bytes)
-        self.signals.upload_accepted()
+            self.signals.upload_accepted(task.job_id)
         return coordinator_pb2.UploadUpdateResponse(
             update_id=str(record.update_id), duplicate=record.duplicate
         )

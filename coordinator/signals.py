@@ -4,11 +4,28 @@ Two directions, kept apart so neither wakes the other's waiters for nothing:
 new tasks wake long polls (and only a changed task epoch makes a poll query the
 database again), accepted uploads wake the round driver. A coordinator that
 restarts loses nothing: polls query once on arrival, the driver ticks anyway.
+
+The driver is woken only by the upload that can close a round: the one that
+brings a job's accepted uploads up to the number it still awaits. Waking on
+every upload made each of N uploads re-read the round's N task rows, O(N^2)
+rows per round (90,000 at 300 workers); the other uploads are seen at the
+driver's next regular tick.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class UploadMark:
+    """Accepted uploads per job, and pokes, at one moment (see :meth:`Signals.upload_mark`)."""
+
+    pokes: int = 0
+    counts: Mapping[str, int] = field(default_factory=dict)
 
 
 class Signals:
@@ -16,6 +33,8 @@ class Signals:
         self._tasks = threading.Condition()
         self._epoch = 0
         self._uploads = threading.Condition()
+        self._accepted: Counter[str] = Counter()
+        self._pokes = 0
 
     @property
     def task_epoch(self) -> int:
@@ -32,10 +51,44 @@ class Signals:
             self._tasks.wait_for(lambda: self._epoch != seen_epoch, timeout)
             return self._epoch
 
-    def upload_accepted(self) -> None:
+    def upload_accepted(self, job_id: str | None = None) -> None:
+        """An upload of ``job_id`` was accepted; without a job, wake the driver regardless
+        (a poke: to stop it, or in tests)."""
         with self._uploads:
+            if job_id is None:
+                self._pokes += 1
+            else:
+                self._accepted[job_id] += 1
             self._uploads.notify_all()
 
-    def wait_for_upload(self, timeout: float) -> None:
+    def upload_mark(self) -> UploadMark:
+        """What has been accepted so far; the driver takes one before it reads task rows."""
         with self._uploads:
-            self._uploads.wait(timeout)
+            return UploadMark(self._pokes, dict(self._accepted))
+
+    def retain(self, job_ids: Iterable[str]) -> None:
+        """Forget the counts of every job not in ``job_ids`` (finished jobs), so the
+        counts stay as many as the active jobs."""
+        keep = set(job_ids)
+        with self._uploads:
+            for job in [j for j in self._accepted if j not in keep]:
+                del self._accepted[job]
+
+    def wait_for_uploads(
+        self, since: UploadMark, awaited: Mapping[str, int], timeout: float
+    ) -> bool:
+        """Block until, for some job, the uploads accepted after ``since`` reach
+        ``awaited[job]`` (one upload where the job is not in ``awaited``), or a poke, or
+        ``timeout``; whether uploads or a poke woke it."""
+
+        def ready() -> bool:
+            if self._pokes != since.pokes:
+                return True
+            for job, count in self._accepted.items():
+                new = count - since.counts.get(job, 0)
+                if new > 0 and new >= awaited.get(job, 1):
+                    return True
+            return False
+
+        with self._uploads:
+            return self._uploads.wait_for(ready, timeout)

@@ -171,6 +171,7 @@ def breakdown(clock: Clock, number: int, compute_s: float) -> dict[str, float]:
         "idle_s": max(0.0, idle_s),
         "service_db_s": sum(e - s for s, e in service),
         "service_db_calls": len(service),
+        "driver_db_calls": len(driver),
     }
 
 
@@ -415,6 +416,7 @@ def measure(workers: int, config: RoundConfig) -> dict[str, Any]:
         },
         "service_db_s": round(mean["service_db_s"], 3),
         "service_db_calls": int(mean["service_db_calls"]),
+        "driver_db_calls": int(mean["driver_db_calls"]),
         "updates_per_round": updates,
         "mean_modules": round(float(np.mean(modules)), 2) if modules else 0.0,
         "adapter_bytes": adapter.byte_count if adapter else 0,

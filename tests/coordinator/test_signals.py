@@ -1,0 +1,44 @@
+"""The round driver's wake-ups: only the upload that can close a round wakes it early."""
+
+from __future__ import annotations
+
+from coordinator.signals import Signals
+
+
+def test_driver_wakes_on_the_upload_that_completes_the_awaited_count() -> None:
+    signals = Signals()
+    mark = signals.upload_mark()
+    signals.upload_accepted("job-a")
+    signals.upload_accepted("job-a")
+    # Three awaited, two in: not yet (the wait runs out instead).
+    assert signals.wait_for_uploads(mark, {"job-a": 3}, timeout=0.01) is False
+    signals.upload_accepted("job-a")
+    assert signals.wait_for_uploads(mark, {"job-a": 3}, timeout=0.01) is True
+
+
+def test_uploads_of_other_jobs_count_apart_and_an_unknown_job_wakes_at_once() -> None:
+    signals = Signals()
+    mark = signals.upload_mark()
+    for _ in range(5):
+        signals.upload_accepted("job-b")
+    assert signals.wait_for_uploads(mark, {"job-a": 1, "job-b": 6}, timeout=0.01) is False
+    # A job the driver knows nothing of (not training at its last tick): any upload.
+    signals.upload_accepted("job-c")
+    assert signals.wait_for_uploads(mark, {"job-a": 1, "job-b": 6}, timeout=0.01) is True
+
+
+def test_only_uploads_after_the_mark_count_and_a_poke_always_wakes() -> None:
+    signals = Signals()
+    signals.upload_accepted("job-a")
+    mark = signals.upload_mark()
+    assert signals.wait_for_uploads(mark, {"job-a": 1}, timeout=0.01) is False
+    signals.upload_accepted()
+    assert signals.wait_for_uploads(mark, {"job-a": 1}, timeout=0.01) is True
+
+
+def test_retain_forgets_finished_jobs() -> None:
+    signals = Signals()
+    signals.upload_accepted("done-job")
+    signals.upload_accepted("live-job")
+    signals.retain(["live-job"])
+    assert dict(signals.upload_mark().counts) == {"live-job": 1}
