@@ -61,6 +61,13 @@ _STATES = {
     coordinator_pb2.WORKER_STATE_TRAINING: "training",
     coordinator_pb2.WORKER_STATE_UPLOADING: "uploading",
 }
+EMPTY_POLL_TRUST_S = 30.0
+"""How long a poll that found no task vouches for the worker's next polls (see
+:meth:`CoordinatorService._known_empty`)."""
+
+MAX_REMEMBERED_POLLS = 100_000
+"""Workers whose last empty poll is remembered; past it the memory starts over."""
+
 _KINDS = {"profile": coordinator_pb2.TASK_KIND_PROFILE, "train": coordinator_pb2.TASK_KIND_TRAIN}
 
 
@@ -165,6 +172,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
         self._bounds: dict[str, AdapterBounds] = {}
         self._specs: dict[str, JobSpec] = {}
+        self._empty_polls: dict[str, tuple[int, float]] = {}
+        """Per worker, the task epoch and time of its last poll that found no task."""
         metrics.WORKERS.limit = settings.metrics_max_workers
 
     # -- helpers -----------------------------------------------------------------------------
@@ -391,9 +400,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         deadline = time.monotonic() + min(request.wait_ms, self.settings.max_poll_wait_ms) / 1000
         epoch = self.signals.task_epoch
         while True:
-            task = self.store.offered_task(worker.id)
-            if task is not None:
-                return coordinator_pb2.PollTaskResponse(task=self._task_message(task))
+            if not self._known_empty(worker.id, epoch):
+                task = self.store.offered_task(worker.id)
+                if task is not None:
+                    self._empty_polls.pop(worker.id, None)
+                    return coordinator_pb2.PollTaskResponse(task=self._task_message(task))
+                self._remember_empty(worker.id, epoch)
             # Query again only when tasks were created since (one wake-up per round for
             # each waiting worker, not one per upload or per second).
             seen = epoch
@@ -402,6 +414,26 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 if remaining <= 0 or not context.is_active():
                     return coordinator_pb2.PollTaskResponse()
                 epoch = self.signals.wait_for_tasks(seen, min(remaining, 1.0))
+
+    def _known_empty(self, worker_id: str, epoch: int) -> bool:
+        """Whether this worker's last poll found no task at the same task epoch, recently.
+
+        The epoch is read before each query and bumped only after new tasks commit, so
+        an unchanged epoch means no task was offered since: an idle worker polling
+        again every few seconds costs no query. Past :data:`EMPTY_POLL_TRUST_S` it
+        queries anyway, so a task written by anything but this process's driver is
+        still found."""
+        seen = self._empty_polls.get(worker_id)
+        return (
+            seen is not None
+            and seen[0] == epoch
+            and time.monotonic() - seen[1] < EMPTY_POLL_TRUST_S
+        )
+
+    def _remember_empty(self, worker_id: str, epoch: int) -> None:
+        if len(self._empty_polls) >= MAX_REMEMBERED_POLLS:
+            self._empty_polls.clear()  # only ever costs a query per worker
+        self._empty_polls[worker_id] = (epoch, time.monotonic())
 
     def _task_message(self, task: Task) -> coordinator_pb2.Task:
         spec = self._spec(task.job_id)

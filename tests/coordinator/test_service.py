@@ -226,3 +226,38 @@ def test_health_and_reflection_answer(running: RunningCoordinator) -> None:
     names = {s.name for s in answer.list_services_response.service}
     assert "fedpilot.v1.Coordinator" in names
     channel.close()
+
+
+def test_an_idle_worker_polling_again_costs_no_query_until_tasks_are_created(
+    running: RunningCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll that found nothing vouches for the next ones while no task was created;
+    the task the driver creates afterwards is still found at once."""
+    store: Store = running.store
+    queries: list[str] = []
+    original = store.offered_task
+
+    def counted(worker_id: str):  # type: ignore[no-untyped-def]
+        queries.append(worker_id)
+        return original(worker_id)
+
+    monkeypatch.setattr(store, "offered_task", counted)
+    client = CoordinatorClient(f"127.0.0.1:{running.port}")
+    client.register("idle-worker", budget_bytes=BASE + MODULE_BYTES)
+    assert client.poll_task(50) is None
+    assert len(queries) == 1
+    for _ in range(3):
+        assert client.poll_task(50) is None
+    assert len(queries) == 1, "an idle worker's repeated polls queried the database"
+    store.create_job(
+        "idle",
+        {
+            "rounds": 1,
+            "min_workers": 1,
+            "ig_probe_batches": 0,
+            "lora": {"rank": 2, "target_modules": ["q"]},
+        },
+    )
+    task = _poll(client, coordinator_pb2.TASK_KIND_PROFILE)
+    assert task.task_id and len(queries) >= 2
+    client.close()
