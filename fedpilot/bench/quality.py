@@ -86,6 +86,7 @@ METHODS: tuple[Method, ...] = (
     Method("exact-merge", "ablation", _agg(merge="exact", **NO_MOMENTUM)),
     Method("ig-local-only", "ablation", {"ig_lambda": 1.0}),
     Method("ig-global-only", "ablation", {"ig_lambda": 0.0}),
+    Method("random-layers", "ablation", {"strategy": "fedra"}),
     Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0, **PAPER_STEP}, **NO_MOMENTUM)),
     # Baselines, as published: no server momentum.
     Method(
@@ -118,7 +119,9 @@ METHODS: tuple[Method, ...] = (
 IG-Scores with lambda 0.5, STAgg with the convex, coverage-damped DWA step,
 server momentum 0.5 with adaptive restart, ``factors`` merge); ``paper`` is the
 paper's step (``eta_m`` up to 2, no damping, no momentum); each other row
-changes one thing of the default, except the baselines. ``exclusive`` is the
+changes one thing of the default, except the baselines: ``random-layers`` is the
+default with FedRA's random layer allocation in place of the knapsack (the
+assignment alone, the server rule held). ``exclusive`` is the
 ``full`` strategy: only clients that fit every module train. ``fedra``
 aggregates per module over its trainers (gamma 0), as FedRA averages each layer
 over the clients that trained it. ``fedavgm`` and ``fedra-momentum`` are FedAvg
