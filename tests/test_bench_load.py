@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from fedpilot.cli import app
@@ -12,12 +13,23 @@ from fedpilot.cli import app
 
 @pytest.mark.slow
 def test_bench_load_reports_every_field_with_no_errors(pg_url: str) -> None:
+    # Two counts back to back on one database: the second must not see the first's
+    # workers (they would count as alive, be drawn, never answer and hold round 1).
     result = CliRunner().invoke(
         app,
-        ["bench", "load", "--workers", "6", "--database-url", pg_url, "--timeout-s", "240"],
-    )
+        [
+            "bench", "load", "--workers", "6", "--workers", "6",
+            "--database-url", pg_url, "--timeout-s", "240",
+        ],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
-    (row,) = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    first, row = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert first["updates_per_round"] == [6, 6] and first["errors"] == 0
+    with create_engine(pg_url).connect() as conn:
+        left = conn.execute(
+            text("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench_load_%'")
+        ).all()
+    assert left == [], "bench load left its schemas behind"
     assert row["bench"] == "load" and row["workers"] == 6 and row["database"] == "postgresql"
     assert row["errors"] == 0, row["error_samples"]
     assert row["rounds_closed"] == 2 and row["updates_per_round"] == [6, 6]

@@ -23,7 +23,9 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -137,17 +139,32 @@ def _worker(
             stop.wait(0.5)
 
 
+HEARTBEAT_THREADS = 8
+"""Heartbeats of one process's workers sent this many at a time. A real worker beats
+from its own thread once per interval; a serial sweep over a process's workers
+stretched the interval by the sum of their latencies, so the bench sent fewer
+heartbeats than a real fleet of its size."""
+
+
 def _heartbeats(clients: list[Any], timed: _Timed, stop: threading.Event, interval: float) -> None:
+    """Every worker's heartbeat once per ``interval`` (start to start), a few at a time."""
     import grpc
 
-    while not stop.wait(interval):
-        for client in list(clients):
-            try:
-                timed("Heartbeat", client.heartbeat)
-            except grpc.RpcError as e:
-                if not stop.is_set():
-                    with timed.lock:
-                        timed.errors.append(f"heartbeat: {e.code()}")  # type: ignore[attr-defined]
+    def beat(client: Any) -> None:
+        try:
+            timed("Heartbeat", client.heartbeat)
+        except grpc.RpcError as e:
+            if not stop.is_set():
+                with timed.lock:
+                    timed.errors.append(f"heartbeat: {e.code()}")  # type: ignore[attr-defined]
+
+    with ThreadPoolExecutor(HEARTBEAT_THREADS, thread_name_prefix="heartbeat") as pool:
+        due = time.monotonic()
+        while True:
+            due += interval
+            if stop.wait(max(0.0, due - time.monotonic())):
+                break
+            list(pool.map(beat, list(clients)))
 
 
 def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -> None:
@@ -207,10 +224,40 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
+@contextlib.contextmanager
+def _fresh_schema(db_url: str) -> Iterator[str]:
+    """A PostgreSQL URL whose tables live in a new schema, dropped afterwards.
+
+    Every count starts from an empty store: workers of an earlier run (the same
+    names, heard less than a liveness timeout ago) otherwise count as alive, become
+    participants, never answer, and hold round 1 until they time out. Nothing
+    outside the new schema is touched. SQLite (an empty URL) gets a new file anyway."""
+    if not db_url:
+        yield db_url
+        return
+    from sqlalchemy import create_engine, make_url, text
+
+    schema = f"bench_load_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(db_url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        url = make_url(db_url).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        admin.dispose()
+
+
 def measure(workers: int, config: LoadConfig) -> dict[str, Any]:
+    with _fresh_schema(config.database_url or os.environ.get("FEDPILOT_DATABASE_URL", "")) as url:
+        return _measure(workers, config, url)
+
+
+def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
     from fedpilot.cluster import LocalCluster
 
-    db_url = config.database_url or os.environ.get("FEDPILOT_DATABASE_URL", "")
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
         cluster = LocalCluster(work / "cluster", db_url=db_url, log_level="warning")
