@@ -131,9 +131,9 @@ def profile(
 def demo(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 4,
     rounds: Annotated[int, typer.Option(min=1)] = 8,
-    strategy: Annotated[str, typer.Option(help="fedpilot, random, top-down, uniform, full.")] = (
-        "fedpilot"
-    ),
+    strategy: Annotated[
+        str, typer.Option(help="fedra (the default), fedpilot, random, top-down, uniform, full.")
+    ] = "fedra",
     dataset: Annotated[
         Path | None, typer.Option(help="Folder with train.csv and test.csv (text, label).")
     ] = None,

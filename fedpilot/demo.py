@@ -42,7 +42,7 @@ TIERS = (0.25, 0.5, 1.0)
 class DemoConfig:
     workers: int = 4
     rounds: int = 8
-    strategy: str = "fedpilot"
+    strategy: str = "fedra"
     dataset: Path = DEFAULT_DATASET
     classes: int = 20
     per_class: int = 60

@@ -69,25 +69,37 @@ PAPER_STEP = {"convex": False, "coverage": False}
 NO_MOMENTUM = {"momentum": 0.0, "restart": False}
 """Methods defined without server momentum (the paper's, the published baselines) pin it off."""
 
+KNAPSACK = {"strategy": "fedpilot"}
+"""The IG-Score knapsack, the default strategy until 2026-12-01. The rows defined as
+changes to the default before then keep it, so their stored runs stay what they ran."""
+
+
+def _knapsack(**kwargs: Any) -> dict[str, Any]:
+    return {**KNAPSACK, **kwargs}
+
+
 METHODS: tuple[Method, ...] = (
     Method("fedpilot", "default", {}),
-    Method("paper", "paper", _agg(dwa=PAPER_STEP, **NO_MOMENTUM)),
-    # Changes to the default, one at a time.
-    Method("no-momentum", "ablation", _agg(**NO_MOMENTUM)),
-    Method("momentum-0.5", "ablation", _agg(momentum=0.5, restart=False)),
-    Method("momentum-0.8-restart", "ablation", _agg(momentum=0.8, restart=True)),
-    Method("momentum-0.8", "ablation", _agg(momentum=0.8, restart=False)),
-    Method("momentum-0.3", "ablation", _agg(momentum=0.3, restart=False)),
-    Method("convex-dwa", "ablation", _agg(dwa={"coverage": False})),
-    Method("fresh-ig", "fix", {}, sim={"fresh_scores": True}),
-    Method("forget-scores", "ablation", {}, sim={"keep_scores": False}),
-    Method("stale-boost", "fix", _agg(dwa={"staleness": 0.5})),
-    Method("stale-damp", "fix", _agg(dwa={"staleness": -0.5})),
-    Method("exact-merge", "ablation", _agg(merge="exact", **NO_MOMENTUM)),
-    Method("ig-local-only", "ablation", {"ig_lambda": 1.0}),
-    Method("ig-global-only", "ablation", {"ig_lambda": 0.0}),
-    Method("random-layers", "ablation", {"strategy": "fedra"}),
-    Method("no-dwa", "ablation", _agg(dwa={"gamma": 0.0, **PAPER_STEP}, **NO_MOMENTUM)),
+    Method("paper", "paper", _knapsack(**_agg(dwa=PAPER_STEP, **NO_MOMENTUM))),
+    # The default's assignment replaced by the knapsack (the default until 2026-12-01);
+    # the rows after it change that configuration, one thing each.
+    Method("knapsack", "ablation", KNAPSACK),
+    Method("no-momentum", "ablation", _knapsack(**_agg(**NO_MOMENTUM))),
+    Method("momentum-0.5", "ablation", _knapsack(**_agg(momentum=0.5, restart=False))),
+    Method("momentum-0.8-restart", "ablation", _knapsack(**_agg(momentum=0.8, restart=True))),
+    Method("momentum-0.8", "ablation", _knapsack(**_agg(momentum=0.8, restart=False))),
+    Method("momentum-0.3", "ablation", _knapsack(**_agg(momentum=0.3, restart=False))),
+    Method("convex-dwa", "ablation", _knapsack(**_agg(dwa={"coverage": False}))),
+    Method("fresh-ig", "fix", KNAPSACK, sim={"fresh_scores": True}),
+    Method("forget-scores", "ablation", KNAPSACK, sim={"keep_scores": False}),
+    Method("stale-boost", "fix", _knapsack(**_agg(dwa={"staleness": 0.5}))),
+    Method("stale-damp", "fix", _knapsack(**_agg(dwa={"staleness": -0.5}))),
+    Method("exact-merge", "ablation", _knapsack(**_agg(merge="exact", **NO_MOMENTUM))),
+    Method("ig-local-only", "ablation", _knapsack(ig_lambda=1.0)),
+    Method("ig-global-only", "ablation", _knapsack(ig_lambda=0.0)),
+    Method(
+        "no-dwa", "ablation", _knapsack(**_agg(dwa={"gamma": 0.0, **PAPER_STEP}, **NO_MOMENTUM))
+    ),
     # Baselines, as published: no server momentum.
     Method(
         "fedra",
@@ -100,11 +112,12 @@ METHODS: tuple[Method, ...] = (
     Method("uniform", "baseline", {"strategy": "uniform", **_agg(**NO_MOMENTUM)}),
     Method("random", "baseline", {"strategy": "random", **_agg(**NO_MOMENTUM)}),
     Method("top-down", "baseline", {"strategy": "top-down", **_agg(**NO_MOMENTUM)}),
-    Method("fedavg", "baseline", _agg(rule="fedavg", **NO_MOMENTUM)),
+    # FedAvg's rule over the knapsack's assignments, as it ran.
+    Method("fedavg", "baseline", _knapsack(**_agg(rule="fedavg", **NO_MOMENTUM))),
     # Server momentum given to baselines: how much of a gain is momentum alone. FedAvgM
     # as published (0.5, no restart), and FedAvg with the default's momentum and restart.
-    Method("fedavgm", "baseline", _agg(rule="fedavg", momentum=0.5, restart=False)),
-    Method("fedavgm-restart", "baseline", _agg(rule="fedavg")),
+    Method("fedavgm", "baseline", _knapsack(**_agg(rule="fedavg", momentum=0.5, restart=False))),
+    Method("fedavgm-restart", "baseline", _knapsack(**_agg(rule="fedavg"))),
     Method(
         "fedra-momentum",
         "baseline",
@@ -115,18 +128,18 @@ METHODS: tuple[Method, ...] = (
     ),
     Method("unconstrained", "bound", {"strategy": "full"}, budgets=UNCONSTRAINED),
 )
-"""Every compared method. ``fedpilot`` is the shipped default (knapsack over
-IG-Scores with lambda 0.5, STAgg with the convex, coverage-damped DWA step,
-server momentum 0.5 with adaptive restart, ``factors`` merge); ``paper`` is the
-paper's step (``eta_m`` up to 2, no damping, no momentum); each other row
-changes one thing of the default, except the baselines: ``random-layers`` is the
-default with FedRA's random layer allocation in place of the knapsack (the
-assignment alone, the server rule held). ``exclusive`` is the
-``full`` strategy: only clients that fit every module train. ``fedra``
-aggregates per module over its trainers (gamma 0), as FedRA averages each layer
-over the clients that trained it. ``fedavgm`` and ``fedra-momentum`` are FedAvg
-and FedRA with server momentum 0.5 (FedAvgM); ``fedavgm-restart`` is FedAvg with
-the default's momentum and restart."""
+"""Every compared method. ``fedpilot`` is the shipped default (FedRA's random layer
+allocation redrawn every round, STAgg with the convex, coverage-damped DWA step,
+server momentum 0.5 with adaptive restart, ``factors`` merge); ``knapsack`` is the
+same with the IG-Score knapsack (the default until 2026-12-01), and the ablation
+and fix rows change that configuration one thing at a time, as they ran. ``paper``
+is the paper's method (knapsack, ``eta_m`` up to 2, no damping, no momentum).
+``exclusive`` is the ``full`` strategy: only clients that fit every module train.
+``fedra`` aggregates per module over its trainers (gamma 0), as FedRA averages
+each layer over the clients that trained it. ``fedavg`` is FedAvg's rule over the
+knapsack's assignments; ``fedavgm`` and ``fedra-momentum`` are FedAvg and FedRA
+with server momentum 0.5 (FedAvgM); ``fedavgm-restart`` is FedAvg with the
+default's momentum and restart."""
 
 METHOD_NAMES = tuple(m.name for m in METHODS)
 CLUSTER_METHODS = tuple(m.name for m in METHODS if not m.sim_only)

@@ -443,7 +443,7 @@ def test_job_page_follows_a_live_federated_run(browser, tmp_path: Path, tiny_dir
         assert row.get_attribute("data-state") == "done"
         assert row.locator("td[data-round]").inner_text() == f"{ROUNDS} / {ROUNDS}"
         assert row.locator("td.accuracy").inner_text().endswith("%")
-        assert "fedpilot" in row.inner_text()  # the strategy column
+        assert "fedra" in row.inner_text()  # the strategy column: the default
         page.wait_for_selector('#workers-body tr[data-worker="small"]')
         page.screenshot(path=str(tmp_path / "dashboard-jobs.png"), full_page=True)
         row.locator(f'a[href="/jobs/{job.id}"]').click()
