@@ -9,7 +9,9 @@ budget, or marks the client infeasible with the reason. They differ only in
 - ``random``: a random maximal feasible subset of modules;
 - ``fedra``: FedRA's random layer allocation, redrawn every round: the head,
   then whole layers in a random order while they fit (Su et al. 2023, with
-  the depth-aware memory model deciding how many layers fit);
+  the depth-aware memory model deciding how many layers fit); a client that
+  cannot fit one whole layer trains the single modules that fit instead of
+  sitting out;
 - ``top-down``: the head, then whole layers from the top down while they fit;
 - ``uniform``: every client trains the set that the weakest participant can afford;
 - ``full``: every module; clients that cannot afford it sit out.
@@ -181,7 +183,8 @@ def _top_down(client: Client) -> Assignment:
 
 
 def _fedra(client: Client, rng: random.Random) -> Assignment:
-    """The head first, then whole layers in a random order; a layer goes in only whole."""
+    """The head first, then whole layers in a random order; a layer goes in only whole,
+    unless no whole layer fits, when single modules go in in the same order."""
     profile = client.profile
     if not profile.can_participate:
         return _infeasible(client, _m0_reason(client))
@@ -192,10 +195,17 @@ def _fedra(client: Client, rng: random.Random) -> Assignment:
     top = max(by_layer)
     head, layers = by_layer[top], [d for d in sorted(by_layer) if d != top]
     rng.shuffle(layers)
+    groups = [head, *(by_layer[d] for d in layers)]
     chosen: list[str] = []
-    for group in [head, *(by_layer[d] for d in layers)]:
+    for group in groups:
         if profile.fits([*chosen, *group]):
             chosen += group
+    if not chosen:
+        # Not even one whole layer fits: train what does, in the same order, rather
+        # than sit out with memory for a module or two (as the knapsack would).
+        for name in (n for group in groups for n in group):
+            if profile.fits([*chosen, name]):
+                chosen.append(name)
     names = _ordered(memory, chosen)
     return Assignment(client.name, names, memory.cost(names), _value(client, names), True)
 

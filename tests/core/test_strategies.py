@@ -97,6 +97,20 @@ def test_fedra_takes_whole_layers_in_an_order_redrawn_each_round() -> None:
     assert len(draws) > 1
 
 
+def test_fedra_trains_single_modules_where_no_whole_layer_fits() -> None:
+    # Arrange: room for one module of the top layer, not for both, nor for a lower one
+    memory = _tiers()[0].profile.memory
+    budget = memory.cost(["l3.q"])
+    assert not WorkerProfile(memory, budget).fits(["l3.q", "l3.v"])
+    client = Client("c", WorkerProfile(memory, budget))
+
+    # Execute
+    (a,) = assign([client], "fedra", seed=0)
+
+    # Assert: it trains what fits instead of sitting out
+    assert a.feasible and a.modules == ("l3.q",) and a.predicted_bytes <= budget
+
+
 @pytest.mark.parametrize(
     ("scores", "names", "row"),
     [
