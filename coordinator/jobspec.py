@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedpilot.core.aggregation import DwaConfig, Merge, Rule
-from fedpilot.core.strategies import Strategy
+from fedpilot.core.strategies import DEFAULT_STRATEGY, Strategy
 from fedpilot.worker.targets import peft_targets
 
 MAX_PARTICIPANTS = 100_000
@@ -173,10 +173,7 @@ class JobSpec(BaseModel):
     max_seq_len: Annotated[int, Field(ge=8, le=32_768)] = 64
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 5e-4
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
-    strategy: Strategy = Strategy.FEDRA
-    """Random whole layers redrawn every round: 0.025 above the IG-Score knapsack
-    (``fedpilot``) on BANKING77, 95% interval 0.005 to 0.046 (docs/benchmarks.md,
-    "The knapsack against random layers")."""
+    strategy: Strategy = DEFAULT_STRATEGY
     aggregation: AggregationSpec = AggregationSpec()
     ig_lambda: Annotated[float, Field(ge=0, le=1, description="Weight of the local IG score.")] = (
         0.5

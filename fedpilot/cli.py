@@ -13,6 +13,7 @@ from rich.table import Table
 
 from fedpilot import __version__, client_cli
 from fedpilot.bench.cli import bench_app
+from fedpilot.core.strategies import DEFAULT_STRATEGY, Strategy
 from fedpilot.services_cli import coordinator, db_app, worker
 from fedpilot.sim.cli import simulate
 
@@ -132,8 +133,8 @@ def demo(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 4,
     rounds: Annotated[int, typer.Option(min=1)] = 8,
     strategy: Annotated[
-        str, typer.Option(help="fedra (the default), fedpilot, random, top-down, uniform, full.")
-    ] = "fedra",
+        Strategy, typer.Option(help="Which modules each worker trains (docs/configuration.md).")
+    ] = DEFAULT_STRATEGY,
     dataset: Annotated[
         Path | None, typer.Option(help="Folder with train.csv and test.csv (text, label).")
     ] = None,
@@ -155,7 +156,7 @@ def demo(
     config = DemoConfig(
         workers=workers,
         rounds=rounds,
-        strategy=strategy,
+        strategy=strategy.value,
         dataset=dataset or DEFAULT_DATASET,
         classes=classes,
         per_class=per_class,

@@ -26,6 +26,7 @@ from fedpilot.cluster import LocalCluster, write_csv
 from fedpilot.core.aggregation import unflatten
 from fedpilot.core.memory import MemoryModel
 from fedpilot.core.partition import dirichlet_partition
+from fedpilot.core.strategies import DEFAULT_STRATEGY
 from fedpilot.datasets import banking77_dir
 from fedpilot.wire.payload import decode_tensors
 
@@ -42,7 +43,7 @@ TIERS = (0.25, 0.5, 1.0)
 class DemoConfig:
     workers: int = 4
     rounds: int = 8
-    strategy: str = "fedra"
+    strategy: str = DEFAULT_STRATEGY.value
     dataset: Path = DEFAULT_DATASET
     classes: int = 20
     per_class: int = 60

@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fedpilot.core.strategies import Strategy
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "plan.json"
 
@@ -40,7 +42,7 @@ def test_plan_json_respects_every_budget() -> None:
     assert counts == sorted(counts)
 
 
-@pytest.mark.parametrize("strategy", ["fedpilot", "random", "top-down", "uniform", "full"])
+@pytest.mark.parametrize("strategy", [s.value for s in Strategy])
 def test_plan_runs_every_strategy(tmp_path: Path, strategy: str) -> None:
     spec = json.loads(EXAMPLE.read_text())
     spec["strategy"] = strategy
