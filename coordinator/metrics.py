@@ -38,6 +38,10 @@ AGGREGATE_SECONDS = Histogram(
     "fedpilot_aggregation_seconds", "Time to aggregate one round's updates and commit."
 )
 ALIVE_WORKERS = Gauge("fedpilot_workers_connected", "Workers with a recent heartbeat.")
+HEARTBEAT_INTERVAL = Gauge(
+    "fedpilot_heartbeat_interval_seconds",
+    "Heartbeat interval handed to workers (grows with the fleet, coordinator/cadence.py).",
+)
 STRAGGLERS = Counter("fedpilot_stragglers_total", "Assigned workers that missed a deadline.")
 INTERNAL_ERRORS = Counter(
     "fedpilot_internal_errors_total",

@@ -25,6 +25,7 @@ import numpy as np
 
 from fedpilot.coordinator import metrics
 from fedpilot.coordinator.adapter_shapes import agreed_shapes
+from fedpilot.coordinator.cadence import HeartbeatCadence
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Job, Profile, Task, Worker
 from fedpilot.coordinator.db.store import Store, utcnow
@@ -73,11 +74,14 @@ class RoundDriver:
         settings: CoordinatorSettings,
         signals: Signals,
         evaluator: Evaluator | None = None,
+        cadence: HeartbeatCadence | None = None,
     ) -> None:
+        """``cadence``: shared with the gRPC handlers; each tick sets it from the alive count."""
         self.store = store
         self.blobs = blobs
         self.settings = settings
         self.signals = signals
+        self.cadence = cadence or HeartbeatCadence.from_settings(settings)
         self.evaluator = evaluator
         self._assign_seconds: dict[tuple[str, int], float] = {}
         """Solve time of each open round's assignment, reported with its metrics."""
@@ -122,7 +126,10 @@ class RoundDriver:
 
     def tick(self) -> bool:
         """One step for every active job; whether any job changed state or round."""
-        metrics.ALIVE_WORKERS.set(self.store.alive_count(self.settings.heartbeat_timeout_s))
+        alive = self.store.alive_count(self.cadence.timeout_s)
+        metrics.ALIVE_WORKERS.set(alive)
+        cadence = self.cadence.observe(alive)
+        metrics.HEARTBEAT_INTERVAL.set(cadence.interval_s)
         moved = False
         jobs = self.store.jobs(ACTIVE)
         self.awaited = {}
@@ -165,7 +172,7 @@ class RoundDriver:
         and one to be heard): it kept its task through the restart and is backing off,
         and judging it by the silence while nobody was listening would close its round
         without it. A holder heard since the start is judged as usual."""
-        timeout = self.settings.heartbeat_timeout_s
+        timeout = self.cadence.timeout_s
         alive = self.store.alive_worker_ids(timeout)
         if any(w in alive for w in holders):
             return True
@@ -181,7 +188,7 @@ class RoundDriver:
     # -- waiting and profiling -----------------------------------------------------------
 
     def _participants(self, spec: JobSpec, number: int) -> list[Worker] | None:
-        alive = self.store.alive_workers(self.settings.heartbeat_timeout_s)
+        alive = self.store.alive_workers(self.cadence.timeout_s)
         if len(alive) < spec.min_workers:
             return None
         want = spec.participants or math.ceil(spec.participation_fraction * len(alive))

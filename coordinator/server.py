@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 
 from fedpilot.coordinator.api.deps import ApiContext, DriverStatus
 from fedpilot.coordinator.api.http import HttpServer
+from fedpilot.coordinator.cadence import HeartbeatCadence
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.store import Store, database_url
 from fedpilot.coordinator.guard import Guard
@@ -80,7 +81,8 @@ def start(
         ],
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
-    _add_servicer(CoordinatorService(store, blobs, settings, signals), server)
+    cadence = HeartbeatCadence.from_settings(settings)
+    _add_servicer(CoordinatorService(store, blobs, settings, signals, cadence), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -104,12 +106,12 @@ def start(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, addr=settings.grpc_host)
-    driver = RoundDriver(store, blobs, settings, signals, evaluator)
+    driver = RoundDriver(store, blobs, settings, signals, evaluator, cadence)
     stop_event = threading.Event()
     thread = threading.Thread(
         target=driver.run, args=(stop_event,), name="round-driver", daemon=True
     )
-    http = _start_http(settings, store, blobs, DriverWatch(driver, thread, settings))
+    http = _start_http(settings, store, blobs, DriverWatch(driver, thread, settings), cadence)
     thread.start()
     log.info(
         "coordinator serving gRPC on %s:%d, %s (database %s)",
@@ -137,7 +139,11 @@ def http_bind_host(settings: CoordinatorSettings) -> str:
 
 
 def _start_http(
-    settings: CoordinatorSettings, store: Store, blobs: BlobStore, driver: DriverWatch
+    settings: CoordinatorSettings,
+    store: Store,
+    blobs: BlobStore,
+    driver: DriverWatch,
+    cadence: HeartbeatCadence,
 ) -> HttpServer | None:
     if settings.http_port is None:
         return None
@@ -145,7 +151,7 @@ def _start_http(
 
     host = http_bind_host(settings)
     http = HttpServer(
-        create_app(ApiContext(store, blobs, settings, driver=driver.status)),
+        create_app(ApiContext(store, blobs, settings, driver=driver.status, cadence=cadence)),
         host,
         settings.http_port,
         certfile=settings.tls_cert,

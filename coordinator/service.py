@@ -26,6 +26,7 @@ from fedpilot.coordinator.adapter_shapes import (
     first_difference,
     model_max_dim,
 )
+from fedpilot.coordinator.cadence import HeartbeatCadence
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Task, Update, Worker
 from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed
@@ -162,11 +163,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         blobs: BlobStore,
         settings: CoordinatorSettings,
         signals: Signals,
+        cadence: HeartbeatCadence | None = None,
     ) -> None:
+        """``cadence``: shared with the round driver, which keeps it current."""
         self.store = store
         self.blobs = blobs
         self.settings = settings
         self.signals = signals
+        self.cadence = cadence or HeartbeatCadence.from_settings(settings)
         self.registrations = TokenBucket(settings.registrations_per_s, settings.registration_burst)
         self._manifests: dict[str, transfer_pb2.PayloadManifest] = {}
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
@@ -333,7 +337,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.RegisterResponse(
             worker_id=worker_id,
             token=token,
-            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+            heartbeat_interval_ms=self.cadence.interval_ms,
         )
 
     def Heartbeat(
@@ -350,7 +354,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             task = self.store.task(request.task_id)
             abandon = task is None or task.worker_id != worker.id or task.status != "offered"
         return coordinator_pb2.HeartbeatResponse(
-            heartbeat_interval_ms=self.settings.heartbeat_interval_ms, abandon_task=abandon
+            heartbeat_interval_ms=self.cadence.interval_ms, abandon_task=abandon
         )
 
     def ReportProfile(

@@ -23,6 +23,11 @@ class CoordinatorSettings(BaseSettings):
     can wait for a task at once without queueing everyone else's calls."""
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=600_000)] = 2_000
     heartbeat_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    """Liveness timeout at ``heartbeat_interval_ms``; it grows with the interval."""
+    heartbeats_per_s: Annotated[float, Field(gt=0, le=1e6)] = 100.0
+    """Fleet-wide heartbeat rate aimed at: beyond ``heartbeats_per_s x interval`` workers
+    (200 by default) the interval handed out grows with the fleet, up to 60 s, and the
+    liveness timeout with it (``coordinator/cadence.py``)."""
     enrollment_secret: SecretStr = SecretStr("")
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 1 << 30
     registrations_per_s: Annotated[float, Field(gt=0, le=1e6)] = 50.0

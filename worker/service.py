@@ -206,6 +206,8 @@ class WorkerService:
         while not self.stop.wait(getattr(self, "heartbeat_s", 2.0)):
             try:
                 reply = self.client.heartbeat(self.state, self.task_id)
+                if reply.heartbeat_interval_ms:  # the coordinator's cadence follows its fleet
+                    self.heartbeat_s = reply.heartbeat_interval_ms / 1000
                 if reply.abandon_task and self.task_id:
                     self.abandon.set()
             except grpc.RpcError as e:

@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fedpilot.coordinator import metrics
+from fedpilot.coordinator.cadence import HeartbeatCadence
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.store import Store
 from fedpilot.coordinator.settings import CoordinatorSettings
@@ -35,6 +36,15 @@ class ApiContext:
     """Zipped adapters by (job, version): a committed version never changes."""
     driver: Callable[[], DriverStatus] | None = None
     """The round driver's health (None: no driver in this process)."""
+    cadence: HeartbeatCadence | None = None
+    """The driver's heartbeat cadence (None: the configured liveness timeout applies)."""
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        """Silence after which a worker is shown as not alive."""
+        if self.cadence is not None:
+            return self.cadence.timeout_s
+        return self.settings.heartbeat_timeout_s
 
 
 def context(request: Request) -> ApiContext:

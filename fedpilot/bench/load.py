@@ -42,7 +42,6 @@ class LoadConfig:
     """Of the synthetic encoder: small tensors, so the load is RPCs, not bytes."""
     rank: int = 4
     poll_wait_ms: int = 5_000
-    heartbeat_s: float = 2.0
     workers_per_process: int = 125
     timeout_s: float = 600.0
     database_url: str = ""
@@ -76,9 +75,10 @@ def _worker(
     timed: _Timed,
     go: threading.Event,
     stop: threading.Event,
-    clients: list[Any],
+    clients: dict[Any, float],
     registered: list[tuple[float, float]],
 ) -> None:
+    """One simulated worker; ``clients`` gets it with the heartbeat interval it was told."""
     import grpc
 
     from fedpilot.bench.round import simulated_update
@@ -98,12 +98,12 @@ def _worker(
         try:
             if not client.worker_id:
                 start = time.perf_counter()
-                timed(
+                reg = timed(
                     "Register",
                     lambda: client.register(f"load{index}", budget_bytes=budget),
                 )
                 registered.append((start, time.perf_counter()))
-                clients.append(client)
+                clients[client] = reg.heartbeat_interval_ms / 1000
             task = client.poll_task(config.poll_wait_ms)
             if task is None:
                 continue
@@ -146,25 +146,33 @@ stretched the interval by the sum of their latencies, so the bench sent fewer
 heartbeats than a real fleet of its size."""
 
 
-def _heartbeats(clients: list[Any], timed: _Timed, stop: threading.Event, interval: float) -> None:
-    """Every worker's heartbeat once per ``interval`` (start to start), a few at a time."""
+def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event) -> None:
+    """Every worker's heartbeat once per the interval the coordinator last told it
+    (start to start, as a worker's own heartbeat thread would), a few at a time."""
     import grpc
+
+    due: dict[Any, float] = {}
 
     def beat(client: Any) -> None:
         try:
-            timed("Heartbeat", client.heartbeat)
+            reply = timed("Heartbeat", client.heartbeat)
+            if reply.heartbeat_interval_ms:
+                clients[client] = reply.heartbeat_interval_ms / 1000
         except grpc.RpcError as e:
             if not stop.is_set():
                 with timed.lock:
                     timed.errors.append(f"heartbeat: {e.code()}")  # type: ignore[attr-defined]
 
     with ThreadPoolExecutor(HEARTBEAT_THREADS, thread_name_prefix="heartbeat") as pool:
-        due = time.monotonic()
-        while True:
-            due += interval
-            if stop.wait(max(0.0, due - time.monotonic())):
-                break
-            list(pool.map(beat, list(clients)))
+        while not stop.wait(0.05):
+            now = time.monotonic()
+            ready = []
+            for client, interval in list(clients.items()):
+                when = due.setdefault(client, now + interval)
+                if when <= now:
+                    ready.append(client)
+                    due[client] = max(when + interval, now)
+            list(pool.map(beat, ready))
 
 
 def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -> None:
@@ -172,7 +180,7 @@ def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -
     stop, go = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     timed = _Timed()
-    clients: list[Any] = []
+    clients: dict[Any, float] = {}
     registered: list[tuple[float, float]] = []
     threads = [
         threading.Thread(
@@ -189,9 +197,7 @@ def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -
     while not (out.parent / "go").exists() and not stop.is_set():
         time.sleep(0.01)
     go.set()
-    threading.Thread(
-        target=_heartbeats, args=(clients, timed, stop, config.heartbeat_s), daemon=True
-    ).start()
+    threading.Thread(target=_heartbeats, args=(clients, timed, stop), daemon=True).start()
     stop.wait()
     out.write_text(
         json.dumps(
@@ -199,6 +205,7 @@ def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -
                 "latencies": timed.latencies,
                 "errors": timed.errors,
                 "registered": registered,
+                "intervals": list(clients.values()),
                 "clock_offset": time.time() - time.perf_counter(),
             }
         )
@@ -340,7 +347,9 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
     latencies: dict[str, list[float]] = {}
     errors: list[str] = []
     spans: list[tuple[float, float]] = []
+    intervals: list[float] = []
     for r in results:
+        intervals += r["intervals"]
         for method, values in r["latencies"].items():
             latencies.setdefault(method, []).extend(values)
         errors += r["errors"]
@@ -368,6 +377,8 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
         "updates_per_round": updates,
         "no_update_counted_twice": duplicates_ok,
         "rpcs": len(every),
+        "heartbeats": len(latencies.get("Heartbeat", [])),
+        "heartbeat_interval_s": round(float(np.median(intervals)), 2) if intervals else None,
         "by_method_p99_ms": {
             m: round(_percentile(v, 99) * 1000, 2) for m, v in sorted(latencies.items())
         },
