@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -72,8 +72,17 @@ class JobProgress:
 class LocalCluster:
     """Start, watch and stop the processes of a one-machine federation."""
 
-    def __init__(self, work_dir: Path, *, db_url: str = "", log_level: str = "info") -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        db_url: str = "",
+        log_level: str = "info",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``env``: added to every process's environment (``FEDPILOT_*`` settings)."""
         self.work_dir = Path(work_dir)
+        self.env = dict(env or {})
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.work_dir / "coordinator"
         self.db_url = db_url or os.environ.get("FEDPILOT_DATABASE_URL", "")
@@ -91,6 +100,7 @@ class LocalCluster:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **self.env,
         }
         if self.db_url:
             env["FEDPILOT_DATABASE_URL"] = self.db_url

@@ -44,3 +44,11 @@ def test_bench_load_reports_every_field_with_no_errors(pg_url: str) -> None:
         "DownloadAdapter",
         "UploadUpdate",
     }
+    # Six workers are far below heartbeats_per_s x interval: the configured 2 s interval,
+    # learnt from the coordinator's answers, and default gRPC limits.
+    assert row["heartbeat_interval_s"] == 2.0
+    assert row["errors_by_call"] == {}
+    assert row["coordinator_settings"] == {
+        "FEDPILOT_GRPC_THREADS": "512",
+        "FEDPILOT_GRPC_MAX_CONCURRENT_RPCS": "2048",
+    }

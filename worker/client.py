@@ -55,11 +55,15 @@ class CoordinatorClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float = 30.0,
+        own_connection: bool = False,
     ) -> None:
+        """``own_connection``: never share a TCP connection with another client of the same
+        target in this process (gRPC shares one by default), as a worker on its own host."""
+        options = CHANNEL_OPTIONS + [("grpc.use_local_subchannel_pool", 1)] * own_connection
         self._channel = (
-            grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            grpc.secure_channel(target, credentials, options=options)
             if credentials is not None
-            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            else grpc.insecure_channel(target, options=options)
         )
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self.target = target

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -56,6 +57,7 @@ class _Timed:
     def __init__(self) -> None:
         self.latencies: dict[str, list[float]] = {}
         self.errors: list[str] = []
+        self.debug: list[str] = []
         self.lock = threading.Lock()
 
     def __call__(self, method: str, fn: Callable[[], T]) -> T:
@@ -90,13 +92,17 @@ def _worker(
 
     memory = encoder_memory(layers=config.layers, rank=config.rank, targets=2, batch=1, seq=8)
     budget = memory.full_cost() * 2
-    client = CoordinatorClient(address, timeout_s=120)
+    # Each on its own TCP connection, as workers on their own hosts; gRPC would otherwise
+    # multiplex a whole process's workers over one.
+    client = CoordinatorClient(address, timeout_s=120, own_connection=True)
     rng = np.random.default_rng(index)
     profile = None
     go.wait()
+    step = "Register"  # the call in progress, named in an error
     while not stop.is_set():
         try:
             if not client.worker_id:
+                step = "Register"
                 start = time.perf_counter()
                 reg = timed(
                     "Register",
@@ -104,6 +110,7 @@ def _worker(
                 )
                 registered.append((start, time.perf_counter()))
                 clients[client] = reg.heartbeat_interval_ms / 1000
+            step = "PollTask"
             task = client.poll_task(config.poll_wait_ms)
             if task is None:
                 continue
@@ -120,22 +127,27 @@ def _worker(
                         device="cpu",
                         tensors=tensor_specs(shapes),
                     )
+                step = "ReportProfile"
                 timed(
                     "ReportProfile",
                     lambda t=task, p=profile: client.report_profile(t.job_id, t.task_id, p),
                 )
                 continue
+            step = "DownloadAdapter"
             _, adapter = timed(
                 "DownloadAdapter",
                 lambda t=task: client.download_adapter(t.job_id, t.adapter_version),
             )
             manifest, update = simulated_update(task, adapter, rng)
+            step = "UploadUpdate"
             timed("UploadUpdate", lambda m=manifest, u=update: client.upload_update(m, u))
         except grpc.RpcError as e:
             if stop.is_set():
                 break
             with timed.lock:
-                timed.errors.append(f"{index}: {e.code()}")  # type: ignore[attr-defined]
+                timed.errors.append(f"{step} {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+                if len(timed.debug) < 20:
+                    timed.debug.append(f"{index} {step}: {e.debug_error_string()}")  # type: ignore[attr-defined]
             stop.wait(0.5)
 
 
@@ -161,7 +173,7 @@ def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event)
         except grpc.RpcError as e:
             if not stop.is_set():
                 with timed.lock:
-                    timed.errors.append(f"heartbeat: {e.code()}")  # type: ignore[attr-defined]
+                    timed.errors.append(f"Heartbeat {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
 
     with ThreadPoolExecutor(HEARTBEAT_THREADS, thread_name_prefix="heartbeat") as pool:
         while not stop.wait(0.05):
@@ -204,6 +216,7 @@ def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -
             {
                 "latencies": timed.latencies,
                 "errors": timed.errors,
+                "debug": timed.debug,
                 "registered": registered,
                 "intervals": list(clients.values()),
                 "clock_offset": time.time() - time.perf_counter(),
@@ -267,7 +280,9 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
-        cluster = LocalCluster(work / "cluster", db_url=db_url, log_level="warning")
+        cluster = LocalCluster(
+            work / "cluster", db_url=db_url, log_level="warning", env=_sized_for(workers)
+        )
         procs: list[subprocess.Popen[bytes]] = []
         outputs: list[Path] = []
         try:
@@ -383,7 +398,20 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
             m: round(_percentile(v, 99) * 1000, 2) for m, v in sorted(latencies.items())
         },
         "database": "postgresql" if db_url else "sqlite",
+        "coordinator_settings": _sized_for(workers),
+        "errors_by_call": dict(Counter(e.split(":", 1)[0] for e in errors).most_common()),
         "error_samples": errors[:5],
+        "error_details": [d for r in results for d in r["debug"][:2]][:8],
+    }
+
+
+def _sized_for(workers: int) -> dict[str, str]:
+    """The coordinator's gRPC limits as docs/configuration.md sizes them for a fleet:
+    a handler thread per waiting long poll plus room for the other calls, and calls in
+    progress for each worker's poll, heartbeat and transfer (the defaults below 500)."""
+    return {
+        "FEDPILOT_GRPC_THREADS": str(max(512, workers + workers // 4)),
+        "FEDPILOT_GRPC_MAX_CONCURRENT_RPCS": str(max(2048, 4 * workers)),
     }
 
 
