@@ -73,15 +73,15 @@ class RoundDriver:
         blobs: BlobStore,
         settings: CoordinatorSettings,
         signals: Signals,
+        cadence: HeartbeatCadence,
         evaluator: Evaluator | None = None,
-        cadence: HeartbeatCadence | None = None,
     ) -> None:
         """``cadence``: shared with the gRPC handlers; each tick sets it from the alive count."""
         self.store = store
         self.blobs = blobs
         self.settings = settings
         self.signals = signals
-        self.cadence = cadence or HeartbeatCadence.from_settings(settings)
+        self.cadence = cadence
         self.evaluator = evaluator
         self._assign_seconds: dict[tuple[str, int], float] = {}
         """Solve time of each open round's assignment, reported with its metrics."""

@@ -106,7 +106,7 @@ def start(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, addr=settings.grpc_host)
-    driver = RoundDriver(store, blobs, settings, signals, evaluator, cadence)
+    driver = RoundDriver(store, blobs, settings, signals, cadence, evaluator)
     stop_event = threading.Event()
     thread = threading.Thread(
         target=driver.run, args=(stop_event,), name="round-driver", daemon=True
@@ -151,7 +151,7 @@ def _start_http(
 
     host = http_bind_host(settings)
     http = HttpServer(
-        create_app(ApiContext(store, blobs, settings, driver=driver.status, cadence=cadence)),
+        create_app(ApiContext(store, blobs, settings, cadence, driver=driver.status)),
         host,
         settings.http_port,
         certfile=settings.tls_cert,

@@ -163,14 +163,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         blobs: BlobStore,
         settings: CoordinatorSettings,
         signals: Signals,
-        cadence: HeartbeatCadence | None = None,
+        cadence: HeartbeatCadence,
     ) -> None:
         """``cadence``: shared with the round driver, which keeps it current."""
         self.store = store
         self.blobs = blobs
         self.settings = settings
         self.signals = signals
-        self.cadence = cadence or HeartbeatCadence.from_settings(settings)
+        self.cadence = cadence
         self.registrations = TokenBucket(settings.registrations_per_s, settings.registration_burst)
         self._manifests: dict[str, transfer_pb2.PayloadManifest] = {}
         self._shape_cache: dict[str, dict[str, list[int]]] = {}

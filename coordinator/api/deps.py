@@ -32,19 +32,12 @@ class ApiContext:
     store: Store
     blobs: BlobStore
     settings: CoordinatorSettings
+    cadence: HeartbeatCadence
+    """The round driver's heartbeat cadence: who counts as alive."""
     export_cache: dict[tuple[str, int], bytes] = field(default_factory=dict)
     """Zipped adapters by (job, version): a committed version never changes."""
     driver: Callable[[], DriverStatus] | None = None
     """The round driver's health (None: no driver in this process)."""
-    cadence: HeartbeatCadence | None = None
-    """The driver's heartbeat cadence (None: the configured liveness timeout applies)."""
-
-    @property
-    def heartbeat_timeout_s(self) -> float:
-        """Silence after which a worker is shown as not alive."""
-        if self.cadence is not None:
-            return self.cadence.timeout_s
-        return self.settings.heartbeat_timeout_s
 
 
 def context(request: Request) -> ApiContext:

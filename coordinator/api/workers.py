@@ -15,4 +15,4 @@ router = APIRouter(
 
 @router.get("", response_model=list[WorkerInfo])
 def list_workers(ctx: Context) -> list[WorkerInfo]:
-    return views.workers(ctx.store, ctx.heartbeat_timeout_s)
+    return views.workers(ctx.store, ctx.cadence.timeout_s)

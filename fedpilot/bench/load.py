@@ -280,9 +280,8 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
-        cluster = LocalCluster(
-            work / "cluster", db_url=db_url, log_level="warning", env=_sized_for(workers)
-        )
+        sized = _sized_for(workers)
+        cluster = LocalCluster(work / "cluster", db_url=db_url, log_level="warning", env=sized)
         procs: list[subprocess.Popen[bytes]] = []
         outputs: list[Path] = []
         try:
@@ -398,7 +397,7 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
             m: round(_percentile(v, 99) * 1000, 2) for m, v in sorted(latencies.items())
         },
         "database": "postgresql" if db_url else "sqlite",
-        "coordinator_settings": _sized_for(workers),
+        "coordinator_settings": sized,
         "errors_by_call": dict(Counter(e.split(":", 1)[0] for e in errors).most_common()),
         "error_samples": errors[:5],
         "error_details": [d for r in results for d in r["debug"][:2]][:8],
