@@ -28,7 +28,7 @@ from fedpilot.coordinator.adapter_shapes import agreed_shapes
 from fedpilot.coordinator.cadence import HeartbeatCadence
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Job, Profile, Task, Worker
-from fedpilot.coordinator.db.store import Store, utcnow
+from fedpilot.coordinator.db.store import TRANSIENT_ERRORS, Store, utcnow
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.settings import CoordinatorSettings
 from fedpilot.coordinator.signals import Signals
@@ -551,6 +551,7 @@ def unflatten_shapes(shapes: Mapping[str, Any]) -> dict[str, dict[str, list[int]
 
 
 def _transient(error: Exception) -> bool:
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
-    return isinstance(error, (OperationalError, InterfaceError, OSError))
+    """A step that failed for a reason that passes (the database out of reach, every
+    pooled connection busy, a file system hiccup): the job stays, the next tick retries.
+    At 2,000 workers a pool wait that ran out used to fail the whole job."""
+    return isinstance(error, (*TRANSIENT_ERRORS, OSError))

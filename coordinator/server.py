@@ -78,6 +78,7 @@ def start(
             ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
             ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
             ("grpc.max_metadata_size", 16 * 1024),
+            ("grpc.server_max_unrequested_time_in_server", settings.grpc_unaccepted_timeout_s),
         ],
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -68,6 +69,11 @@ EMPTY_POLL_TRUST_S = 30.0
 
 MAX_REMEMBERED_POLLS = 100_000
 """Workers whose last empty poll is remembered; past it the memory starts over."""
+
+POLL_QUERY_SLOTS = 8
+"""Long polls that query the database at once. Tasks wake every waiting poll together
+(2,000 at 2,000 workers); the rest wait their turn here, well under the connection
+pool's 30, so the round driver and uploads always find a connection."""
 
 _KINDS = {"profile": coordinator_pb2.TASK_KIND_PROFILE, "train": coordinator_pb2.TASK_KIND_TRAIN}
 
@@ -177,6 +183,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._bounds: dict[str, AdapterBounds] = {}
         self._specs: dict[str, JobSpec] = {}
         self._empty_polls: dict[str, tuple[int, float]] = {}
+        self._poll_queries = threading.BoundedSemaphore(POLL_QUERY_SLOTS)
         """Per worker, the task epoch and time of its last poll that found no task."""
         metrics.WORKERS.limit = settings.metrics_max_workers
 
@@ -402,22 +409,34 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         worker = self._worker(context, request.worker_id)
         self.store.heartbeat(worker.id, "idle", None)
         deadline = time.monotonic() + min(request.wait_ms, self.settings.max_poll_wait_ms) / 1000
+        # The call's end (the client went away) wakes the wait at once, so a waiting poll
+        # needs no timer to notice it; ``wake`` is fresh for every wait.
+        gone, wake = threading.Event(), [threading.Event()]
+
+        def ended() -> None:
+            gone.set()
+            wake[0].set()
+
+        context.add_callback(ended)
         epoch = self.signals.task_epoch
         while True:
             if not self._known_empty(worker.id, epoch):
-                task = self.store.offered_task(worker.id)
-                if task is not None:
+                with self._poll_queries:
+                    task = self.store.offered_task(worker.id)
+                    message = self._task_message(task) if task is not None else None
+                if message is not None:
                     self._empty_polls.pop(worker.id, None)
-                    return coordinator_pb2.PollTaskResponse(task=self._task_message(task))
+                    return coordinator_pb2.PollTaskResponse(task=message)
                 self._remember_empty(worker.id, epoch)
             # Query again only when tasks were created since (one wake-up per round for
             # each waiting worker, not one per upload or per second).
             seen = epoch
             while epoch == seen:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not context.is_active():
+                wake[0] = threading.Event()
+                if remaining <= 0 or gone.is_set() or not context.is_active():
                     return coordinator_pb2.PollTaskResponse()
-                epoch = self.signals.wait_for_tasks(seen, min(remaining, 1.0))
+                epoch = self.signals.wait_for_tasks(seen, remaining, wake[0])
 
     def _known_empty(self, worker_id: str, epoch: int) -> bool:
         """Whether this worker's last poll found no task at the same task epoch, recently.

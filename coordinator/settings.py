@@ -55,6 +55,12 @@ class CoordinatorSettings(BaseSettings):
     config.json). Empty: ``data_dir`` and the bundled datasets."""
     grpc_max_concurrent_rpcs: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
     """RPCs in progress at once; beyond it gRPC answers RESOURCE_EXHAUSTED at once."""
+    grpc_unaccepted_timeout_s: Annotated[int, Field(ge=1, le=3600)] = 300
+    """How long a call received but not yet taken up by the server may wait before gRPC
+    cancels it (gRPC's own default is 30 s). Under load the one thread that takes
+    calls in falls behind, and at 2,000 workers on two cores gRPC cancelled long polls
+    and registrations after exactly 30 s; a longer limit lets the client's own deadline
+    decide instead."""
     max_rpcs_per_worker: Annotated[int, Field(ge=1, le=10_000)] = 8
     """RPCs one worker may have in progress (an honest worker uses about three)."""
     stream_idle_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0

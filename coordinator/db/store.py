@@ -25,6 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import bindparam, create_engine, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -51,8 +52,12 @@ CANCELLED = "cancelled"
 P = ParamSpec("P")
 R = TypeVar("R")
 
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
+"""Worth retrying: a dropped connection, and a wait for a pooled connection that ran out
+(every connection busy under load: a moment's condition, not a fault of the work)."""
+
 _transient = retry(
-    retry=retry_if_exception_type((OperationalError, InterfaceError)),
+    retry=retry_if_exception_type(TRANSIENT_ERRORS),
     wait=wait_exponential(multiplier=0.2, max=5),
     stop=stop_after_delay(60),
     reraise=True,

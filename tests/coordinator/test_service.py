@@ -5,6 +5,7 @@ idempotent re-upload. Each rejection names the problem and stores nothing."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +227,48 @@ def test_health_and_reflection_answer(running: RunningCoordinator) -> None:
     names = {s.name for s in answer.list_services_response.service}
     assert "fedpilot.v1.Coordinator" in names
     channel.close()
+
+
+def test_a_long_poll_waits_without_waking_and_ends_when_its_client_goes(
+    running: RunningCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiting poll sleeps until tasks come, its wait runs out or its caller cancels:
+    no timer wakes it to look (at 2,000 waiting polls those wake-ups starved the
+    thread that accepts new calls), and a cancelled poll frees its handler at once,
+    not at the end of its wait."""
+    signals = running.driver.signals
+    waits: list[float] = []
+    returned = threading.Event()
+    original = signals.wait_for_tasks
+
+    def counted(seen: int, timeout: float, wake: threading.Event | None = None) -> int:
+        waits.append(timeout)
+        try:
+            return original(seen, timeout, wake)
+        finally:
+            returned.set()
+
+    monkeypatch.setattr(signals, "wait_for_tasks", counted)
+    client = CoordinatorClient(f"127.0.0.1:{running.port}")
+    client.register("waiting-worker", budget_bytes=BASE + MODULE_BYTES)
+    assert client.poll_task(1_500) is None
+    assert len(waits) == 1 and waits[0] > 1.0, f"the poll woke to look: waits {waits}"
+
+    waits.clear()
+    returned.clear()
+    future = client._stub.PollTask.future(
+        coordinator_pb2.PollTaskRequest(worker_id=client.worker_id, wait_ms=20_000),
+        metadata=client._metadata(),
+        timeout=60,
+    )
+    deadline = time.monotonic() + 10
+    while not waits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert waits, "the poll never waited"
+    future.cancel()
+    # Well inside the poll's own 20 s: the handler ended because its caller went.
+    assert returned.wait(10), "a cancelled poll kept its handler until its wait ran out"
+    assert len(waits) == 1
 
 
 def test_an_idle_worker_polling_again_costs_no_query_until_tasks_are_created(

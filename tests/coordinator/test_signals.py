@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from coordinator.signals import Signals
 
 
@@ -42,3 +44,30 @@ def test_retain_forgets_finished_jobs() -> None:
     signals.upload_accepted("live-job")
     signals.retain(["live-job"])
     assert dict(signals.upload_mark().counts) == {"live-job": 1}
+
+
+def test_a_waiting_poll_wakes_when_tasks_are_created_and_not_before() -> None:
+    signals = Signals()
+    seen = signals.task_epoch
+    woke: list[int] = []
+    waiter = threading.Thread(target=lambda: woke.append(signals.wait_for_tasks(seen, 30.0)))
+    waiter.start()
+    waiter.join(timeout=0.2)
+    assert waiter.is_alive() and not woke, "the wait ended with no task and no timeout"
+    signals.tasks_created()
+    waiter.join(timeout=10)
+    assert woke == [seen + 1]
+
+
+def test_an_epoch_already_moved_returns_at_once_and_the_callers_event_ends_a_wait() -> None:
+    signals = Signals()
+    seen = signals.task_epoch
+    signals.tasks_created()
+    assert signals.wait_for_tasks(seen, 30.0) == seen + 1
+    # The caller's own event (its call ended) ends the wait; the epoch is unchanged.
+    wake = threading.Event()
+    timer = threading.Timer(0.05, wake.set)
+    timer.start()
+    assert signals.wait_for_tasks(seen + 1, 30.0, wake) == seen + 1
+    timer.join()
+    assert not signals._waiters, "a finished wait stayed registered"

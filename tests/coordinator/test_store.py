@@ -249,3 +249,33 @@ def test_workers_are_found_by_their_token_alone(store: Store) -> None:
     assert found is not None and found.id == worker_id
     for wrong in ("", "x" * 43, token[:-1], "t" * 10_000):
         assert store.worker_by_token(wrong) is None
+
+
+def test_a_pool_wait_that_runs_out_is_retried_and_a_driver_step_keeps_its_job(
+    pg_schema_url: str,
+) -> None:
+    """Every pooled connection busy (2,000 long polls woken at once did that) is a
+    moment's condition: a store call waits for a connection again rather than fail, and
+    a round-driver step that still hits it leaves the job for the next tick."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from fedpilot.coordinator.rounds import _transient
+
+    migrate.upgrade(make_engine(pg_schema_url))
+    engine = create_engine(pg_schema_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    store = Store(engine)
+    held = engine.connect()  # the pool's only connection
+    held.execute(text("SELECT 1"))
+    release = threading.Timer(1.0, held.close)
+    release.start()
+    try:
+        assert store.jobs() == []  # waited past several 0.2 s pool timeouts, then ran
+    finally:
+        release.join()
+    assert not release.is_alive()
+    assert _transient(PoolTimeout("QueuePool limit reached"))
+    assert not _transient(ValueError("a real fault"))
+    engine.dispose()
