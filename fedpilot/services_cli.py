@@ -258,7 +258,7 @@ def worker(
 
         start_http_server(metrics_port, addr=metrics_host)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.stop.set())
+        signal.signal(sig, lambda *_: service.shutdown())
     service.run()
 
 

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -37,6 +38,11 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 4_000),
 ]
+
+
+def task_of(reply: coordinator_pb2.PollTaskResponse) -> coordinator_pb2.Task | None:
+    """The task of a poll's reply; None when none came within the wait."""
+    return reply.task if reply.HasField("task") else None
 
 
 @dataclass(frozen=True)
@@ -125,12 +131,20 @@ class CoordinatorClient:
         )
 
     def poll_task(self, wait_ms: int) -> coordinator_pb2.Task | None:
-        reply = self._stub.PollTask(
-            coordinator_pb2.PollTaskRequest(worker_id=self.worker_id, wait_ms=wait_ms),
-            metadata=self._metadata(),
-            timeout=self._timeout + wait_ms / 1000,
-        )
-        return reply.task if reply.HasField("task") else None
+        return task_of(self._stub.PollTask(**self._poll_call(wait_ms)))
+
+    def poll_task_future(self, wait_ms: int) -> grpc.Future:
+        """The long poll as a ``grpc.Future``: ``cancel()`` cuts the wait short; its
+        ``result()`` is a reply for :func:`task_of`. (A future keeps a thread per channel
+        busy while it runs; :meth:`poll_task` does not.)"""
+        return self._stub.PollTask.future(**self._poll_call(wait_ms))
+
+    def _poll_call(self, wait_ms: int) -> dict[str, Any]:
+        return {
+            "request": coordinator_pb2.PollTaskRequest(worker_id=self.worker_id, wait_ms=wait_ms),
+            "metadata": self._metadata(),
+            "timeout": self._timeout + wait_ms / 1000,
+        }
 
     def refuse_task(self, task_id: str, error: WireError) -> None:
         self._stub.RefuseTask(
