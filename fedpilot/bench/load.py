@@ -42,7 +42,8 @@ class LoadConfig:
     layers: int = 2
     """Of the synthetic encoder: small tensors, so the load is RPCs, not bytes."""
     rank: int = 4
-    poll_wait_ms: int = 5_000
+    poll_wait_ms: int = 20_000
+    """As the real worker asks (``WorkerSettings.poll_wait_ms``)."""
     workers_per_process: int = 125
     timeout_s: float = 600.0
     database_url: str = ""
@@ -58,7 +59,18 @@ class _Timed:
         self.latencies: dict[str, list[float]] = {}
         self.errors: list[str] = []
         self.debug: list[str] = []
+        self.failed_after: dict[str, list[float]] = {}
+        """Seconds each failed call ran before it failed, by ``call status``: a call the
+        server's gRPC core dropped unrequested fails at that limit (30 s by default)."""
         self.lock = threading.Lock()
+
+    def failed(self, step: str, error: Any, elapsed: float, index: int | str) -> None:
+        name = f"{step} {error.code().name}"
+        with self.lock:
+            self.errors.append(f"{name}: {error.details()}")
+            self.failed_after.setdefault(name, []).append(elapsed)
+            if len(self.debug) < 20:
+                self.debug.append(f"{index} {step}: {error.debug_error_string()}")
 
     def __call__(self, method: str, fn: Callable[[], T]) -> T:
         start = time.perf_counter()
@@ -100,6 +112,7 @@ def _worker(
     go.wait()
     step = "Register"  # the call in progress, named in an error
     while not stop.is_set():
+        began = time.perf_counter()
         try:
             if not client.worker_id:
                 step = "Register"
@@ -110,7 +123,7 @@ def _worker(
                 )
                 registered.append((start, time.perf_counter()))
                 clients[client] = reg.heartbeat_interval_ms / 1000
-            step = "PollTask"
+            step, began = "PollTask", time.perf_counter()
             task = client.poll_task(config.poll_wait_ms)
             if task is None:
                 continue
@@ -127,27 +140,24 @@ def _worker(
                         device="cpu",
                         tensors=tensor_specs(shapes),
                     )
-                step = "ReportProfile"
+                step, began = "ReportProfile", time.perf_counter()
                 timed(
                     "ReportProfile",
                     lambda t=task, p=profile: client.report_profile(t.job_id, t.task_id, p),
                 )
                 continue
-            step = "DownloadAdapter"
+            step, began = "DownloadAdapter", time.perf_counter()
             _, adapter = timed(
                 "DownloadAdapter",
                 lambda t=task: client.download_adapter(t.job_id, t.adapter_version),
             )
             manifest, update = simulated_update(task, adapter, rng)
-            step = "UploadUpdate"
+            step, began = "UploadUpdate", time.perf_counter()
             timed("UploadUpdate", lambda m=manifest, u=update: client.upload_update(m, u))
         except grpc.RpcError as e:
             if stop.is_set():
                 break
-            with timed.lock:
-                timed.errors.append(f"{step} {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
-                if len(timed.debug) < 20:
-                    timed.debug.append(f"{index} {step}: {e.debug_error_string()}")  # type: ignore[attr-defined]
+            timed.failed(step, e, time.perf_counter() - began, index)
             stop.wait(0.5)
 
 
@@ -166,14 +176,14 @@ def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event)
     due: dict[Any, float] = {}
 
     def beat(client: Any) -> None:
+        began = time.perf_counter()
         try:
             reply = timed("Heartbeat", client.heartbeat)
             if reply.heartbeat_interval_ms:
                 clients[client] = reply.heartbeat_interval_ms / 1000
         except grpc.RpcError as e:
             if not stop.is_set():
-                with timed.lock:
-                    timed.errors.append(f"Heartbeat {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+                timed.failed("Heartbeat", e, time.perf_counter() - began, "beat")
 
     with ThreadPoolExecutor(HEARTBEAT_THREADS, thread_name_prefix="heartbeat") as pool:
         while not stop.wait(0.05):
@@ -217,6 +227,7 @@ def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -
                 "latencies": timed.latencies,
                 "errors": timed.errors,
                 "debug": timed.debug,
+                "failed_after": timed.failed_after,
                 "registered": registered,
                 "intervals": list(clients.values()),
                 "clock_offset": time.time() - time.perf_counter(),
@@ -358,12 +369,21 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
                     os.killpg(p.pid, signal.SIGKILL)
             cluster.stop()
         results = [json.loads(o.read_text()) for o in outputs if o.exists()]
+        log_file = work / "cluster" / "coordinator.log"
+        # The coordinator logs warnings and worse only: what went wrong, kept before the
+        # temporary folder goes.
+        coordinator_log = (
+            log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+        )
     latencies: dict[str, list[float]] = {}
     errors: list[str] = []
     spans: list[tuple[float, float]] = []
     intervals: list[float] = []
+    failed_after: dict[str, list[float]] = {}
     for r in results:
         intervals += r["intervals"]
+        for name, values in r["failed_after"].items():
+            failed_after.setdefault(name, []).extend(values)
         for method, values in r["latencies"].items():
             latencies.setdefault(method, []).extend(values)
         errors += r["errors"]
@@ -400,7 +420,18 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
         "coordinator_settings": sized,
         "errors_by_call": dict(Counter(e.split(":", 1)[0] for e in errors).most_common()),
         "error_samples": errors[:5],
+        "failed_after_s": {
+            name: {
+                "p10": round(_percentile(v, 10), 2),
+                "p50": round(_percentile(v, 50), 2),
+                "p90": round(_percentile(v, 90), 2),
+            }
+            for name, v in sorted(failed_after.items())
+        },
         "error_details": [d for r in results for d in r["debug"][:2]][:8],
+        "job": {"state": job.state, "error": job.error},
+        "coordinator_log_lines": len(coordinator_log),
+        "coordinator_log_first": coordinator_log[:30],
     }
 
 
