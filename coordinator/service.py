@@ -183,8 +183,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._bounds: dict[str, AdapterBounds] = {}
         self._specs: dict[str, JobSpec] = {}
         self._empty_polls: dict[str, tuple[int, float]] = {}
-        self._poll_queries = threading.BoundedSemaphore(POLL_QUERY_SLOTS)
         """Per worker, the task epoch and time of its last poll that found no task."""
+        self._poll_queries = threading.BoundedSemaphore(POLL_QUERY_SLOTS)
         metrics.WORKERS.limit = settings.metrics_max_workers
 
     # -- helpers -----------------------------------------------------------------------------
@@ -409,15 +409,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         worker = self._worker(context, request.worker_id)
         self.store.heartbeat(worker.id, "idle", None)
         deadline = time.monotonic() + min(request.wait_ms, self.settings.max_poll_wait_ms) / 1000
-        # The call's end (the client went away) wakes the wait at once, so a waiting poll
-        # needs no timer to notice it; ``wake`` is fresh for every wait.
-        gone, wake = threading.Event(), [threading.Event()]
-
-        def ended() -> None:
-            gone.set()
-            wake[0].set()
-
-        context.add_callback(ended)
+        # Set by new tasks and by the call's end (the client went away), so a waiting
+        # poll needs no timer to notice either.
+        wake = threading.Event()
+        context.add_callback(wake.set)
         epoch = self.signals.task_epoch
         while True:
             if not self._known_empty(worker.id, epoch):
@@ -433,10 +428,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             seen = epoch
             while epoch == seen:
                 remaining = deadline - time.monotonic()
-                wake[0] = threading.Event()
-                if remaining <= 0 or gone.is_set() or not context.is_active():
+                wake.clear()  # before the check: an end from here on sets it again
+                if remaining <= 0 or not context.is_active():
                     return coordinator_pb2.PollTaskResponse()
-                epoch = self.signals.wait_for_tasks(seen, remaining, wake[0])
+                epoch = self.signals.wait_for_tasks(seen, remaining, wake)
 
     def _known_empty(self, worker_id: str, epoch: int) -> bool:
         """Whether this worker's last poll found no task at the same task epoch, recently.

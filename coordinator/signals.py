@@ -57,8 +57,8 @@ class Signals:
         self, seen_epoch: int, timeout: float, wake: threading.Event | None = None
     ) -> int:
         """Block until tasks are created after ``seen_epoch``, ``wake`` is set by someone
-        else (the caller's call ended), or ``timeout``; the epoch. ``wake`` must be
-        fresh for each wait: this sets it when tasks are created."""
+        else (the caller's call ended), or ``timeout``; the epoch. Creating tasks sets
+        ``wake``: a caller that reuses it clears it before each wait."""
         wake = wake or threading.Event()
         with self._tasks:
             if self._epoch != seen_epoch:

@@ -149,7 +149,7 @@ class WorkerService:
             self.guard.detail,
         )
         self.stop = threading.Event()
-        self._poll: Any = None
+        self._poll: grpc.Future | None = None
         """The long poll in progress (a ``grpc.Future``), for :meth:`shutdown`."""
         self.state = coordinator_pb2.WORKER_STATE_IDLE
         self.task_id = ""
