@@ -50,6 +50,7 @@ from fedpilot.wire.payload import (
     Buffer,
     decode_tensors,
     dtype_name,
+    new_hasher,
     tensor_specs,
     wire_dtype,
 )
@@ -734,7 +735,13 @@ def _check_update_fields(m: transfer_pb2.UpdateManifest, max_modules: int) -> No
 
 
 def _manifest_of(data: Buffer, sha256: str) -> transfer_pb2.PayloadManifest:
+    """A stored version's manifest with both digests: workers check the BLAKE3 one (a
+    fraction of sha256's time), workers that predate it the sha256 it is stored under."""
     tensors = decode_tensors(data)
     specs = tensor_specs(tensors)
     del tensors  # views into ``data``, which the caller is about to unmap
-    return transfer_pb2.PayloadManifest(tensors=specs, total_bytes=len(data), sha256=sha256)
+    blake3 = new_hasher("blake3")
+    blake3.update(data)
+    return transfer_pb2.PayloadManifest(
+        tensors=specs, total_bytes=len(data), sha256=sha256, blake3=blake3.hexdigest()
+    )

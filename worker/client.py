@@ -24,6 +24,7 @@ from fedpilot.v1 import (
     transfer_pb2,
 )
 from fedpilot.wire import EncodedPayload, PayloadReceiver, WireError
+from fedpilot.wire.payload import Checksum
 
 # Large enough for one chunk plus framing; bounded so a hostile peer cannot
 # make us buffer arbitrary messages.
@@ -76,6 +77,9 @@ class CoordinatorClient:
         self._timeout = timeout_s
         self.worker_id = ""
         self._token = ""
+        self.upload_checksum: Checksum = "sha256"
+        """The digest uploads carry: BLAKE3 once a download's manifest showed that this
+        coordinator names it (one that predates it knows only sha256)."""
 
     def close(self) -> None:
         self._channel.close()
@@ -158,7 +162,7 @@ class CoordinatorClient:
     def download_adapter(
         self, job_id: str, version: int, *, max_bytes: int = 1 << 30
     ) -> tuple[transfer_pb2.AdapterManifest, dict[str, np.ndarray]]:
-        """The global adapter, verified against its manifest (size, sha256, tensors)."""
+        """The global adapter, verified against its manifest (size, digest, tensors)."""
         stream = self._stub.DownloadAdapter(
             coordinator_pb2.DownloadAdapterRequest(
                 worker_id=self.worker_id, job_id=job_id, version=version
@@ -180,13 +184,17 @@ class CoordinatorClient:
                     errors_pb2.ERROR_REASON_MALFORMED, "second manifest in a download", "manifest"
                 )
             receiver.feed(msg.data)
-        return first.manifest, receiver.finish()
+        tensors = receiver.finish()
+        if first.manifest.payload.blake3:
+            self.upload_checksum = "blake3"
+        return first.manifest, tensors
 
     def upload_update(
         self, manifest: transfer_pb2.UpdateManifest, tensors: Mapping[str, np.ndarray]
     ) -> coordinator_pb2.UploadUpdateResponse:
         """Send ``tensors`` after ``manifest`` (its payload section is filled in here)."""
-        payload = EncodedPayload(tensors)  # streamed: never a second copy of the update
+        # streamed: never a second copy of the update
+        payload = EncodedPayload(tensors, self.upload_checksum)
         full = transfer_pb2.UpdateManifest()
         full.CopyFrom(manifest)
         full.worker_id = self.worker_id

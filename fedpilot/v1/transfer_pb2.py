@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64pilot/v1/transfer.proto\x12\x0b\x66\x65\x64pilot.v1\"L\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.fedpilot.v1.DType\"`\n\x0fPayloadManifest\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.fedpilot.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"X\n\x0c\x41\x64\x61pterChunk\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.fedpilot.v1.AdapterManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xb9\x01\n\x0f\x41\x64\x61pterManifest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12-\n\x07payload\x18\x03 \x01(\x0b\x32\x1c.fedpilot.v1.PayloadManifest\x12\x11\n\tlora_rank\x18\x04 \x01(\r\x12\x12\n\nlora_alpha\x18\x05 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x17\n\x0fmodules_to_save\x18\x07 \x03(\t\"\xac\x03\n\x0eUpdateManifest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\x04\x12-\n\x07payload\x18\x06 \x01(\x0b\x32\x1c.fedpilot.v1.PayloadManifest\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12\x19\n\x11train_loss_before\x18\x08 \x01(\x01\x12\x18\n\x10train_loss_after\x18\t \x01(\x01\x12\x42\n\x0clocal_scores\x18\n \x03(\x0b\x32,.fedpilot.v1.UpdateManifest.LocalScoresEntry\x12\x1c\n\x14predicted_peak_bytes\x18\x0b \x01(\x04\x12\x1b\n\x13measured_peak_bytes\x18\x0c \x01(\x04\x12\x15\n\rtrain_seconds\x18\r \x01(\x01\x1a\x32\n\x10LocalScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"^\n\x13UploadUpdateRequest\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.fedpilot.v1.UpdateManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind*L\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64pilot/v1/transfer.proto\x12\x0b\x66\x65\x64pilot.v1\"L\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.fedpilot.v1.DType\"p\n\x0fPayloadManifest\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.fedpilot.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06\x62lake3\x18\x04 \x01(\t\"X\n\x0c\x41\x64\x61pterChunk\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.fedpilot.v1.AdapterManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xb9\x01\n\x0f\x41\x64\x61pterManifest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12-\n\x07payload\x18\x03 \x01(\x0b\x32\x1c.fedpilot.v1.PayloadManifest\x12\x11\n\tlora_rank\x18\x04 \x01(\r\x12\x12\n\nlora_alpha\x18\x05 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x17\n\x0fmodules_to_save\x18\x07 \x03(\t\"\xac\x03\n\x0eUpdateManifest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\x04\x12-\n\x07payload\x18\x06 \x01(\x0b\x32\x1c.fedpilot.v1.PayloadManifest\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12\x19\n\x11train_loss_before\x18\x08 \x01(\x01\x12\x18\n\x10train_loss_after\x18\t \x01(\x01\x12\x42\n\x0clocal_scores\x18\n \x03(\x0b\x32,.fedpilot.v1.UpdateManifest.LocalScoresEntry\x12\x1c\n\x14predicted_peak_bytes\x18\x0b \x01(\x04\x12\x1b\n\x13measured_peak_bytes\x18\x0c \x01(\x04\x12\x15\n\rtrain_seconds\x18\r \x01(\x01\x1a\x32\n\x10LocalScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"^\n\x13UploadUpdateRequest\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.fedpilot.v1.UpdateManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind*L\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEMANIFEST_LOCALSCORESENTRY']._loaded_options = None
   _globals['_UPDATEMANIFEST_LOCALSCORESENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1024
-  _globals['_DTYPE']._serialized_end=1100
+  _globals['_DTYPE']._serialized_start=1040
+  _globals['_DTYPE']._serialized_end=1116
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=119
   _globals['_PAYLOADMANIFEST']._serialized_start=121
-  _globals['_PAYLOADMANIFEST']._serialized_end=217
-  _globals['_ADAPTERCHUNK']._serialized_start=219
-  _globals['_ADAPTERCHUNK']._serialized_end=307
-  _globals['_ADAPTERMANIFEST']._serialized_start=310
-  _globals['_ADAPTERMANIFEST']._serialized_end=495
-  _globals['_UPDATEMANIFEST']._serialized_start=498
-  _globals['_UPDATEMANIFEST']._serialized_end=926
-  _globals['_UPDATEMANIFEST_LOCALSCORESENTRY']._serialized_start=876
-  _globals['_UPDATEMANIFEST_LOCALSCORESENTRY']._serialized_end=926
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=928
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1022
+  _globals['_PAYLOADMANIFEST']._serialized_end=233
+  _globals['_ADAPTERCHUNK']._serialized_start=235
+  _globals['_ADAPTERCHUNK']._serialized_end=323
+  _globals['_ADAPTERMANIFEST']._serialized_start=326
+  _globals['_ADAPTERMANIFEST']._serialized_end=511
+  _globals['_UPDATEMANIFEST']._serialized_start=514
+  _globals['_UPDATEMANIFEST']._serialized_end=942
+  _globals['_UPDATEMANIFEST_LOCALSCORESENTRY']._serialized_start=892
+  _globals['_UPDATEMANIFEST_LOCALSCORESENTRY']._serialized_end=942
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=944
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1038
 # @@protoc_insertion_point(module_scope)

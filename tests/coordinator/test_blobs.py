@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from fedpilot.coordinator.db.blobs import BlobError, BlobStore
+from fedpilot.coordinator.db.blobs import FLUSH_STEP, BlobError, BlobStore
 
 
 def test_put_is_content_addressed_and_idempotent(tmp_path) -> None:
@@ -70,3 +70,23 @@ def test_a_staged_blob_commits_once_and_is_discarded_otherwise(tmp_path) -> None
     other.discard()
     assert not blobs.exists(other.sha256)
     assert not list((tmp_path / "00").glob(".tmp-*"))
+
+
+def test_a_failing_write_reaches_the_caller_and_leaves_nothing(tmp_path) -> None:
+    """The hashing and writing thread's error is raised to the receiving side, which is
+    never left blocked on a full window."""
+    blobs = BlobStore(tmp_path)
+    chunks = [b"a" * 10, "not bytes"] + [b"b" * 10] * 50  # more than the window
+    with pytest.raises(TypeError):
+        blobs.put(chunks)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_a_blob_larger_than_the_flush_step_is_stored_whole(tmp_path) -> None:
+    blobs = BlobStore(tmp_path)
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    count = FLUSH_STEP // len(chunk) * 2 + 3
+    sha, size = blobs.put([chunk] * count)
+    assert size == count * len(chunk)
+    assert sha == hashlib.sha256(chunk * count).hexdigest()
+    assert blobs.read(sha) == chunk * count

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import grpc
 import numpy as np
 import pytest
@@ -210,6 +211,35 @@ def test_a_full_round_with_every_rejection_path(round_ready) -> None:
     # A retry that arrives after the round closed is still acknowledged, not counted.
     assert client.upload_update(_manifest(task), good).duplicate
     assert len(store.updates(job_id, task.round)) == 1
+
+
+def test_uploads_carry_blake3_once_the_coordinator_names_it(round_ready) -> None:
+    """Download manifests carry both digests; the client then uploads with BLAKE3 alone,
+    the coordinator checks it and still stores the blob under its sha256."""
+    store, client, job_id, task = round_ready
+    assert client.upload_checksum == "sha256"
+    manifest, adapter = client.download_adapter(job_id, task.adapter_version)
+    stored, _ = encode_tensors(adapter)  # the coordinator's encoding of the same tensors
+    assert manifest.payload.sha256 == hashlib.sha256(stored).hexdigest()
+    assert manifest.payload.blake3 == blake3.blake3(bytes(stored)).hexdigest()
+    assert client.upload_checksum == "blake3"
+
+    good = _tensors(["head"])
+    data, payload = encode_tensors(good, "blake3")
+    assert payload.blake3 and not payload.sha256
+    lying = transfer_pb2.PayloadManifest(
+        tensors=payload.tensors, total_bytes=payload.total_bytes, blake3="0" * 64
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_upload(client, _manifest(task, payload=lying), data)
+    detail = error_detail_from_rpc_error(e.value)
+    assert errors_pb2.ErrorReason.Name(detail.reason) == "ERROR_REASON_CHECKSUM_MISMATCH"
+    assert detail.field == "manifest.blake3"
+    assert store.updates(job_id, task.round) == []
+
+    client.upload_update(_manifest(task), good)
+    (update,) = store.updates(job_id, task.round)
+    assert update.sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_health_and_reflection_answer(running: RunningCoordinator) -> None:
