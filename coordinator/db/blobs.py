@@ -173,9 +173,11 @@ class _Writer:
     """sha256 and the file write of one staged blob, on a thread of its own.
 
     hashlib and ``os.write`` release the GIL, so they run while the receiving thread
-    parses the next messages. After an error the thread keeps draining the queue
-    without writing, so the receiving side never blocks on a full queue; the error is
-    raised to it at its next :meth:`put` or at :meth:`finish`.
+    parses the next messages. The thread starts with the second chunk: a blob of one
+    chunk (most updates of a small adapter) is written in the caller's thread and
+    costs no thread. After an error the thread keeps draining the queue without
+    writing, so the receiving side never blocks on a full queue; the error is raised
+    to it at its next :meth:`put` or at :meth:`finish`.
     """
 
     _END = object()
@@ -187,18 +189,26 @@ class _Writer:
         self._size = self._flushed = 0
         self._flushing: concurrent.futures.Future[None] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="blob-write", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._chunks = 0
 
     def put(self, chunk: bytes) -> None:
         if self._error is not None:
             raise self._error
+        self._chunks += 1
+        if self._chunks == 1:
+            self._write(chunk)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="blob-write", daemon=True)
+            self._thread.start()
         self._queue.put(chunk)
 
     def finish(self) -> tuple[str, int]:
         """Wait for the queued chunks; the sha256 and size of what was written."""
-        self._queue.put(self._END)
-        self._thread.join()
+        if self._thread is not None:
+            self._queue.put(self._END)
+            self._thread.join()
         if self._flushing is not None:
             with contextlib.suppress(OSError):
                 self._flushing.result()

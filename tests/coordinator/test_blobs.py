@@ -72,11 +72,13 @@ def test_a_staged_blob_commits_once_and_is_discarded_otherwise(tmp_path) -> None
     assert not list((tmp_path / "00").glob(".tmp-*"))
 
 
-def test_a_failing_write_reaches_the_caller_and_leaves_nothing(tmp_path) -> None:
-    """The hashing and writing thread's error is raised to the receiving side, which is
-    never left blocked on a full window."""
+@pytest.mark.parametrize("bad_at", [0, 1, 7])
+def test_a_failing_write_reaches_the_caller_and_leaves_nothing(tmp_path, bad_at) -> None:
+    """A write that fails, in the caller's thread (first chunk) or in the writing thread,
+    is raised to the receiving side, which is never left blocked on a full window."""
     blobs = BlobStore(tmp_path)
-    chunks = [b"a" * 10, "not bytes"] + [b"b" * 10] * 50  # more than the window
+    chunks: list = [b"b" * 10] * 50  # more than the window
+    chunks[bad_at] = "not bytes"
     with pytest.raises(TypeError):
         blobs.put(chunks)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
