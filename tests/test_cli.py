@@ -134,11 +134,19 @@ def test_bench_transfer_compares_the_real_path_with_grpc_and_tcp() -> None:
         assert r["bytes"] == 8 * 2**20
         assert r["mb_per_s"] > 0 and r["ratio_to_grpc"] > 0 and r["ratio_to_tcp"] > 0
         assert r["coordinator_peak_rss_bytes"] > 0
-    (parts,) = [r for r in lines if r["bench"] == "transfer_breakdown"]
-    # Every guarantee's cost is reported for the same payload (header included).
-    assert parts["bytes"] > 8 * 2**20
-    for part in ("sha256", "file_write", "decode_and_finite_scan", "proto_parse"):
-        assert parts[f"{part}_s"] > 0 and parts[f"{part}_mb_per_s"] > 0
+    parts = {r["direction"]: r for r in lines if r["bench"] == "transfer_breakdown"}
+    # Every step's cost is reported per direction for the same payload (header included),
+    # next to the real path's time and the bare stream's.
+    assert set(parts) == {"upload", "download"}
+    steps = {
+        "upload": ("encode_blake3", "blake3_check", "sha256_content_address", "file_write"),
+        "download": ("file_read", "proto_parse", "blake3_check", "assemble", "finite_scan"),
+    }
+    for direction, row in parts.items():
+        assert row["bytes"] > 8 * 2**20
+        for step in steps[direction]:
+            assert row[f"{step}_s"] > 0 and row[f"{step}_mb_per_s"] > 0
+        assert row["serial_s"] > row["network_s"] > 0 and row["measured_s"] > 0
 
 
 # -- a worker refusing its tasks, as the operator sees it ------------------------------------

@@ -2,7 +2,7 @@
 
 A coordinator process serves a job whose adapter is ``size_mib`` large; a
 test worker (this process) downloads version 0 and uploads a full update,
-with every check of the real path (token, assignment, manifest, sha256,
+with every check of the real path (token, assignment, manifest, digest,
 finiteness, blob write, database row). Baselines, each a separate process on
 loopback with the same bytes: a bare grpcio stream with the same chunk size,
 and a raw TCP socket.
@@ -310,10 +310,19 @@ def _seconds(fn: Any, repeats: int = 3) -> float:
     return best
 
 
-def breakdown(tensors: dict[str, np.ndarray], work_dir: Path) -> dict[str, Any]:
-    """What each guarantee costs per byte here, one component at a time, in this process:
-    the ceiling the real path cannot beat without removing or overlapping the work."""
-    from fedpilot.wire.payload import EncodedPayload, decode_tensors
+def breakdown(
+    tensors: dict[str, np.ndarray],
+    work_dir: Path,
+    measured_s: dict[str, float],
+    bare_s: dict[str, float],
+) -> Iterator[dict[str, Any]]:
+    """What each step of each direction costs here, one at a time, in this process, next
+    to the real path's time and the bare stream's (the network) for the same bytes.
+    ``serial_s`` is the sum, i.e. the time if nothing overlapped; the real path can beat
+    it only by overlapping steps on separate cores."""
+    import hashlib
+
+    from fedpilot.wire.payload import EncodedPayload, decode_tensors, new_hasher
 
     payload = EncodedPayload(tensors)
     data = payload.to_bytes()
@@ -326,9 +335,20 @@ def breakdown(tensors: dict[str, np.ndarray], work_dir: Path) -> dict[str, Any]:
             for c in chunks:
                 f.write(c)
 
+    def read() -> None:
+        with path.open("rb") as f:
+            while f.read(MAX_CHUNK_BYTES):
+                pass
+
     def fsync() -> None:
         with path.open("rb+") as f:
             os.fsync(f.fileno())
+
+    def blake3_chunks() -> None:
+        hasher = new_hasher("blake3")
+        for c in chunks:
+            hasher.update(c)
+        hasher.hexdigest()
 
     def build_messages() -> None:
         for c in chunks:
@@ -340,27 +360,57 @@ def breakdown(tensors: dict[str, np.ndarray], work_dir: Path) -> dict[str, Any]:
         for w in wire:
             _ = transfer_pb2.UploadUpdateRequest.FromString(w).data
 
-    import hashlib
+    def assemble() -> None:
+        buffer = np.empty(nbytes, dtype=np.uint8)
+        pos = 0
+        for c in chunks:
+            buffer[pos : pos + len(c)] = np.frombuffer(c, dtype=np.uint8)
+            pos += len(c)
 
-    seconds = {
-        "sha256": _seconds(lambda: hashlib.sha256(data).hexdigest()),
-        "encode_with_sha256": _seconds(lambda: EncodedPayload(tensors)),
-        "proto_build_and_serialize": _seconds(build_messages),
-        "proto_parse": _seconds(parse_messages),
-        "decode_and_finite_scan": _seconds(
-            lambda: [np.isfinite(x).all() for x in decode_tensors(data).values()]
-        ),
-        "file_write": _seconds(write),
+    def finite_scan() -> None:
+        for x in decode_tensors(data).values():
+            np.isfinite(x).all()
+
+    protobuf = {"proto_build_and_serialize": build_messages, "proto_parse": parse_messages}
+    steps: dict[str, dict[str, Any]] = {
+        # worker: header + digest, messages; coordinator: messages, BLAKE3 check, the
+        # sha256 blobs are stored under, the write, the tensor check, the fsync
+        "upload": {
+            "encode_blake3": lambda: EncodedPayload(tensors, "blake3"),
+            **protobuf,
+            "blake3_check": blake3_chunks,
+            "sha256_content_address": lambda: hashlib.sha256(data).hexdigest(),
+            "file_write": write,
+            "finite_scan": finite_scan,
+        },
+        # coordinator: the blob read in chunks, messages; worker: messages, BLAKE3
+        # check, the payload assembled in one buffer, the tensor check
+        "download": {
+            "file_read": read,
+            **protobuf,
+            "blake3_check": blake3_chunks,
+            "assemble": assemble,
+            "finite_scan": finite_scan,
+        },
     }
     write()
-    seconds["fsync_after_write"] = _seconds(fsync, repeats=1)
+    seconds = {d: {k: _seconds(fn) for k, fn in parts.items()} for d, parts in steps.items()}
+    write()
+    seconds["upload"]["fsync_after_write"] = _seconds(fsync, repeats=1)
     path.unlink()
-    return {
-        "bench": "transfer_breakdown",
-        "bytes": nbytes,
-        **{f"{k}_s": round(v, 4) for k, v in seconds.items()},
-        **{f"{k}_mb_per_s": round(nbytes / v / 1e6, 1) for k, v in seconds.items()},
-    }
+    sha256_encode = _seconds(lambda: EncodedPayload(tensors))
+    for direction, parts in seconds.items():
+        yield {
+            "bench": "transfer_breakdown",
+            "direction": direction,
+            "bytes": nbytes,
+            **{f"{k}_s": round(v, 4) for k, v in parts.items()},
+            "network_s": round(bare_s[direction], 4),
+            "serial_s": round(sum(parts.values()) + bare_s[direction], 4),
+            "measured_s": round(measured_s[direction], 4),
+            **({"encode_sha256_s": round(sha256_encode, 4)} if direction == "upload" else {}),
+            **{f"{k}_mb_per_s": round(nbytes / v / 1e6, 1) for k, v in parts.items()},
+        }
 
 
 def _best(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -389,12 +439,20 @@ def run(size_mib: int = 256, repeats: int = 3) -> Iterator[dict[str, Any]]:
                 bare.append(_grpc_rates(g_port, nbytes))
                 tcp.append(_tcp_rates(t_port, nbytes))
             peak = _vm_hwm(real.pid)
-            parts = breakdown(real.update, Path(tmp))
+            best_ours, best_bare = _best(ours), _best(bare)
+            parts = list(
+                breakdown(
+                    real.update,
+                    Path(tmp),
+                    {d: nbytes / v / 1e6 for d, v in best_ours.items()},
+                    {d: nbytes / v / 1e6 for d, v in best_bare.items()},
+                )
+            )
         finally:
             real.client.close()
             grpc_proc.kill()
             tcp_proc.kill()
-    best_ours, best_bare, best_tcp = _best(ours), _best(bare), _best(tcp)
+    best_tcp = _best(tcp)
     for direction in ("upload", "download"):
         yield {
             "bench": "transfer",
@@ -413,7 +471,7 @@ def run(size_mib: int = 256, repeats: int = 3) -> Iterator[dict[str, Any]]:
             "coordinator_anon_growth_bytes": real.transfer_growth,
             "coordinator_peak_rss_with_aggregation_bytes": peak,
         }
-    yield parts
+    yield from parts
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ class EncodedPayload:
     says otherwise) is computed over the tensors' own memory, so the manifest
     is ready before the first chunk and sending copies each byte once, chunk by
     chunk: a 256 MiB upload no longer allocates (and page-faults) a second
-    256 MiB buffer, which dominated the upload time. The format: 8-byte header length, JSON header padded to 8
-    bytes, tensors back to back in name order (what ``safetensors`` reads).
+    256 MiB buffer, which dominated the upload time. The format: 8-byte header
+    length, JSON header padded to 8 bytes, tensors back to back in name order
+    (what ``safetensors`` reads).
     """
 
     def __init__(self, tensors: Mapping[str, np.ndarray], checksum: Checksum = "sha256") -> None:
