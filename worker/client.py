@@ -23,7 +23,7 @@ from fedpilot.v1 import (
     profile_pb2,
     transfer_pb2,
 )
-from fedpilot.wire import EncodedPayload, PayloadReceiver, WireError
+from fedpilot.wire import EncodedPayload, PayloadReceiver, WireError, error_detail_from_rpc_error
 from fedpilot.wire.payload import Checksum
 
 # Large enough for one chunk plus framing; bounded so a hostile peer cannot
@@ -192,9 +192,29 @@ class CoordinatorClient:
     def upload_update(
         self, manifest: transfer_pb2.UpdateManifest, tensors: Mapping[str, np.ndarray]
     ) -> coordinator_pb2.UploadUpdateResponse:
-        """Send ``tensors`` after ``manifest`` (its payload section is filled in here)."""
-        # streamed: never a second copy of the update
-        payload = EncodedPayload(tensors, self.upload_checksum)
+        """Send ``tensors`` after ``manifest`` (its payload section is filled in here).
+
+        A coordinator that knows only sha256 (an earlier release, or one rolled back
+        after this client saw BLAKE3) refuses a BLAKE3-only manifest as malformed in
+        ``manifest.sha256``; the client then goes back to sha256 and sends once more.
+        """
+        checksum = self.upload_checksum
+        try:
+            return self._upload(manifest, tensors, checksum)
+        except grpc.RpcError as e:
+            detail = error_detail_from_rpc_error(e)
+            if checksum == "sha256" or detail is None or detail.field != "manifest.sha256":
+                raise
+            self.upload_checksum = "sha256"
+            return self._upload(manifest, tensors, "sha256")
+
+    def _upload(
+        self,
+        manifest: transfer_pb2.UpdateManifest,
+        tensors: Mapping[str, np.ndarray],
+        checksum: Checksum,
+    ) -> coordinator_pb2.UploadUpdateResponse:
+        payload = EncodedPayload(tensors, checksum)  # streamed: never a second copy
         full = transfer_pb2.UpdateManifest()
         full.CopyFrom(manifest)
         full.worker_id = self.worker_id

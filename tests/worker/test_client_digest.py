@@ -1,0 +1,89 @@
+"""The client's upload digest across releases: BLAKE3 once its coordinator names it, back to
+sha256 when a coordinator that knows only sha256 refuses it.
+
+The coordinator here is a stand-in for an earlier release (the boundary is between two
+releases; the current coordinator knows both digests): it applies that release's rule,
+a 64-hex ``manifest.sha256`` or a refusal naming that field, over real gRPC, and checks
+the bytes with the real receiver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from fedpilot.v1 import coordinator_pb2, coordinator_pb2_grpc, errors_pb2, transfer_pb2
+from fedpilot.wire import PayloadReceiver, WireError, rich_status
+from fedpilot.worker.client import CoordinatorClient
+
+TENSORS = {"m/lora_A": np.ones((2, 8), np.float32), "m/lora_B": np.zeros((8, 2), np.float32)}
+
+
+class _EarlierRelease(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, refuse_field: str = "") -> None:
+        self.seen: list[transfer_pb2.PayloadManifest] = []
+        self.refuse_field = refuse_field
+
+    def UploadUpdate(self, request_iterator, context):
+        manifest = next(request_iterator).manifest.payload
+        self.seen.append(manifest)
+        if self.refuse_field:
+            error = WireError(errors_pb2.ERROR_REASON_NOT_ASSIGNED, "not yours", self.refuse_field)
+            context.abort_with_status(rich_status(error))
+        if len(manifest.sha256) != 64:
+            error = WireError(
+                errors_pb2.ERROR_REASON_MALFORMED,
+                "manifest.sha256 must be 64 lowercase hex digits",
+                "manifest.sha256",
+            )
+            context.abort_with_status(rich_status(error))
+        receiver = PayloadReceiver(manifest)
+        for message in request_iterator:
+            receiver.feed(message.data)
+        receiver.finish()
+        return coordinator_pb2.UploadUpdateResponse(update_id="1")
+
+
+@pytest.fixture()
+def serve() -> Iterator:
+    servers = []
+
+    def start(servicer: _EarlierRelease) -> CoordinatorClient:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return CoordinatorClient(f"127.0.0.1:{port}", timeout_s=10)
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def test_a_refused_blake3_upload_is_sent_again_with_sha256(serve) -> None:
+    servicer = _EarlierRelease()
+    client = serve(servicer)
+    client.upload_checksum = "blake3"  # as after a download from a newer coordinator
+    reply = client.upload_update(transfer_pb2.UpdateManifest(task_id="t"), TENSORS)
+    assert reply.update_id == "1"
+    first, second = servicer.seen
+    assert first.blake3 and not first.sha256
+    assert second.sha256 and not second.blake3
+    assert client.upload_checksum == "sha256"  # and it stays there
+    client.upload_update(transfer_pb2.UpdateManifest(task_id="t"), TENSORS)
+    assert len(servicer.seen) == 3 and servicer.seen[2].sha256
+
+
+def test_other_refusals_are_not_sent_again(serve) -> None:
+    servicer = _EarlierRelease(refuse_field="task_id")
+    client = serve(servicer)
+    client.upload_checksum = "blake3"
+    with pytest.raises(grpc.RpcError):
+        client.upload_update(transfer_pb2.UpdateManifest(task_id="t"), TENSORS)
+    assert len(servicer.seen) == 1
+    assert client.upload_checksum == "blake3"
