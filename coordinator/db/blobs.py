@@ -68,11 +68,7 @@ class BlobStore:
             raise
         return StagedBlob(self, Path(tmp), sha256, size)
 
-    def put(
-        self,
-        chunks: Iterable[bytes],
-        expected_sha256: str | None = None,
-    ) -> tuple[str, int]:
+    def put(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:
         """Store the bytes; returns (sha256, size). Idempotent for equal content."""
         staged = self.stage(chunks)
         if expected_sha256 is not None and staged.sha256 != expected_sha256:
