@@ -27,7 +27,7 @@ from fedpilot.coordinator.adapter_shapes import (
     first_difference,
     model_max_dim,
 )
-from fedpilot.coordinator.cadence import HeartbeatCadence
+from fedpilot.coordinator.cadence import HeartbeatCadence, wave_delay
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Task, Update, Worker
 from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed
@@ -433,6 +433,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 if remaining <= 0 or not context.is_active():
                     return coordinator_pb2.PollTaskResponse()
                 epoch = self.signals.wait_for_tasks(seen, remaining, wake)
+            # Woken with every other waiting poll: answer in a wave, not all at once.
+            delay = wave_delay(self.signals.woken, self.settings.task_wave_per_s)
+            delay = min(delay, deadline - time.monotonic())
+            if delay > 0:
+                wake.clear()  # from here on only the call's end sets it
+                if wake.wait(delay) or not context.is_active():
+                    return coordinator_pb2.PollTaskResponse()
 
     def _known_empty(self, worker_id: str, epoch: int) -> bool:
         """Whether this worker's last poll found no task at the same task epoch, recently.

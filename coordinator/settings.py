@@ -35,6 +35,10 @@ class CoordinatorSettings(BaseSettings):
     registration_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
     """Registrations accepted at once (a whole fleet starting together)."""
     max_poll_wait_ms: Annotated[int, Field(ge=0, le=120_000)] = 20_000
+    task_wave_per_s: Annotated[float, Field(ge=0, le=1e6)] = 400.0
+    """Polls answered per second when new tasks wake many at once: each of N woken polls
+    answers at a random moment within N / ``task_wave_per_s`` seconds (5 s at 2,000), so
+    the downloads and reports that follow do not arrive as one burst. 0: all at once."""
     tick_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
     metrics_port: Annotated[int | None, Field(ge=0, le=65535)] = None
     """A separate Prometheus port (None = off; the HTTP API serves /metrics anyway)."""

@@ -38,6 +38,8 @@ class Signals:
         self._tasks = threading.Lock()
         self._epoch = 0
         self._waiters: set[threading.Event] = set()
+        self.woken = 0
+        """How many waiting polls the latest new tasks woke together (the wave's size)."""
         self._uploads = threading.Condition()
         self._accepted: Counter[str] = Counter()
         self._pokes = 0
@@ -50,6 +52,7 @@ class Signals:
         with self._tasks:
             self._epoch += 1
             waiters, self._waiters = self._waiters, set()
+            self.woken = len(waiters)
         for wake in waiters:
             wake.set()
 

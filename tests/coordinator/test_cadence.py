@@ -3,12 +3,13 @@ shrinking fleet never times out a worker still on the interval it was last told.
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
 import pytest
 
-from fedpilot.coordinator.cadence import MAX_INTERVAL_S, HeartbeatCadence, cadence_for
+from fedpilot.coordinator.cadence import MAX_INTERVAL_S, HeartbeatCadence, cadence_for, wave_delay
 from fedpilot.coordinator.server import start
 from fedpilot.coordinator.settings import CoordinatorSettings
 from fedpilot.worker.client import CoordinatorClient
@@ -98,3 +99,17 @@ def test_workers_are_told_the_grown_interval_over_grpc(tmp_path: Path, pg_schema
         assert fourth.heartbeat_interval_ms >= 6000
     finally:
         coordinator.stop()
+
+
+def test_a_wave_spreads_woken_polls_over_woken_over_rate_seconds() -> None:
+    rng = random.Random(0)
+    delays = [wave_delay(2000, 400.0, rng) for _ in range(2000)]
+    assert all(0.0 <= d <= 5.0 for d in delays)
+    assert max(delays) > 4.5 and min(delays) < 0.5  # the whole window is used
+    assert sum(delays) / len(delays) == pytest.approx(2.5, abs=0.2)
+
+
+def test_no_wave_when_it_is_off_or_one_poll_was_woken() -> None:
+    assert wave_delay(2000, 0.0) == 0.0
+    assert wave_delay(1, 400.0) == 0.0
+    assert wave_delay(0, 400.0) == 0.0

@@ -8,6 +8,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -299,6 +300,45 @@ def test_a_long_poll_waits_without_waking_and_ends_when_its_client_goes(
     # Well inside the poll's own 20 s: the handler ended because its caller went.
     assert returned.wait(10), "a cancelled poll kept its handler until its wait ran out"
     assert len(waits) == 1
+
+
+def test_polls_woken_together_answer_in_a_wave_and_each_gets_its_task(
+    running: RunningCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New tasks wake every waiting poll at once; each asks for its place in a wave of
+    that size at the configured rate, waits it, and still answers with its task."""
+    from fedpilot.coordinator import service
+
+    asked: list[tuple[int, float]] = []
+
+    def recorded(woken: int, per_s: float) -> float:
+        asked.append((woken, per_s))
+        return 0.2
+
+    monkeypatch.setattr(service, "wave_delay", recorded)
+    clients = [CoordinatorClient(f"127.0.0.1:{running.port}") for _ in range(3)]
+    for i, client in enumerate(clients):
+        client.register(f"wave-{i}", budget_bytes=BASE + MODULE_BYTES)
+    with ThreadPoolExecutor(3) as pool:
+        polls = [pool.submit(c.poll_task, 20_000) for c in clients]
+        signals = running.driver.signals
+        deadline = time.monotonic() + 10
+        while len(signals._waiters) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        running.store.create_job(
+            "wave",
+            {
+                "rounds": 1,
+                "min_workers": 3,
+                "ig_probe_batches": 0,
+                "lora": {"rank": 2, "target_modules": ["q"]},
+            },
+        )
+        tasks = [p.result(timeout=30) for p in polls]
+    assert all(t is not None and t.kind == coordinator_pb2.TASK_KIND_PROFILE for t in tasks)
+    assert (3, running.driver.settings.task_wave_per_s) in asked
+    for client in clients:
+        client.close()
 
 
 def test_an_idle_worker_polling_again_costs_no_query_until_tasks_are_created(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from coordinator.signals import Signals
 
@@ -71,3 +72,20 @@ def test_an_epoch_already_moved_returns_at_once_and_the_callers_event_ends_a_wai
     assert signals.wait_for_tasks(seen + 1, 30.0, wake) == seen + 1
     timer.join()
     assert not signals._waiters, "a finished wait stayed registered"
+
+
+def test_woken_counts_the_polls_the_latest_tasks_woke_together() -> None:
+    signals = Signals()
+    seen = signals.task_epoch
+    waiters = [threading.Thread(target=signals.wait_for_tasks, args=(seen, 30.0)) for _ in range(3)]
+    for w in waiters:
+        w.start()
+    deadline = time.monotonic() + 10
+    while len(signals._waiters) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    signals.tasks_created()
+    for w in waiters:
+        w.join(timeout=10)
+    assert signals.woken == 3
+    signals.tasks_created()  # nobody waiting any more
+    assert signals.woken == 0
