@@ -203,7 +203,12 @@ class CoordinatorClient:
             return self._upload(manifest, tensors, checksum)
         except grpc.RpcError as e:
             detail = error_detail_from_rpc_error(e)
-            if checksum == "sha256" or detail is None or detail.field != "manifest.sha256":
+            refused = (
+                detail is not None
+                and detail.reason == errors_pb2.ERROR_REASON_MALFORMED
+                and detail.field == "manifest.sha256"
+            )
+            if checksum == "sha256" or not refused:
                 raise
             self.upload_checksum = "sha256"
             return self._upload(manifest, tensors, "sha256")

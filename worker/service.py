@@ -150,7 +150,7 @@ class WorkerService:
         )
         self.stop = threading.Event()
         self._poll: grpc.Future | None = None
-        """The long poll in progress (a ``grpc.Future``), for :meth:`shutdown`."""
+        """The long poll in progress, for :meth:`shutdown`."""
         self.state = coordinator_pb2.WORKER_STATE_IDLE
         self.task_id = ""
         self.abandon = threading.Event()

@@ -24,16 +24,16 @@ TENSORS = {"m/lora_A": np.ones((2, 8), np.float32), "m/lora_B": np.zeros((8, 2),
 
 
 class _EarlierRelease(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, refuse_field: str = "") -> None:
+    def __init__(self, refuse: tuple[int, str] | None = None) -> None:
         self.seen: list[transfer_pb2.PayloadManifest] = []
-        self.refuse_field = refuse_field
+        self.refuse = refuse
 
     def UploadUpdate(self, request_iterator, context):
         manifest = next(request_iterator).manifest.payload
         self.seen.append(manifest)
-        if self.refuse_field:
-            error = WireError(errors_pb2.ERROR_REASON_NOT_ASSIGNED, "not yours", self.refuse_field)
-            context.abort_with_status(rich_status(error))
+        if self.refuse is not None:
+            reason, field = self.refuse
+            context.abort_with_status(rich_status(WireError(reason, "refused", field)))
         if len(manifest.sha256) != 64:
             error = WireError(
                 errors_pb2.ERROR_REASON_MALFORMED,
@@ -79,8 +79,15 @@ def test_a_refused_blake3_upload_is_sent_again_with_sha256(serve) -> None:
     assert len(servicer.seen) == 3 and servicer.seen[2].sha256
 
 
-def test_other_refusals_are_not_sent_again(serve) -> None:
-    servicer = _EarlierRelease(refuse_field="task_id")
+@pytest.mark.parametrize(
+    "refuse",
+    [
+        (errors_pb2.ERROR_REASON_NOT_ASSIGNED, "task_id"),
+        (errors_pb2.ERROR_REASON_CHECKSUM_MISMATCH, "manifest.sha256"),
+    ],
+)
+def test_other_refusals_are_not_sent_again(serve, refuse) -> None:
+    servicer = _EarlierRelease(refuse)
     client = serve(servicer)
     client.upload_checksum = "blake3"
     with pytest.raises(grpc.RpcError):
