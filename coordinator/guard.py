@@ -57,6 +57,13 @@ def bearer_token(context: grpc.ServicerContext) -> str:
     return ""
 
 
+def is_resent(context: grpc.ServicerContext) -> bool:
+    """Whether the client's channel sent this call again after an earlier attempt failed
+    (gRPC sets ``grpc-previous-rpc-attempts``; clients cannot set ``grpc-`` keys)."""
+    metadata = context.invocation_metadata() or ()
+    return any(key == "grpc-previous-rpc-attempts" for key, _ in metadata)
+
+
 def tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     """A deserializer that returns a marker for bytes that are not a valid message."""
 
@@ -173,6 +180,8 @@ class Guard:
 
     def _admit(self, method: str, context: grpc.ServicerContext) -> str | None:
         """Authenticate (all but Register) and take a slot; the worker id, or None."""
+        if is_resent(context):
+            metrics.RESENT_CALLS.labels(method=method).inc()
         if method in UNAUTHENTICATED_METHODS:
             return None
         worker: Worker | None = self.store.worker_by_token(bearer_token(context))

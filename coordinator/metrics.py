@@ -48,6 +48,12 @@ INTERNAL_ERRORS = Counter(
     "gRPC calls that failed on an unexpected exception (the log has the error id).",
     ["method"],
 )
+RESENT_CALLS = Counter(
+    "fedpilot_resent_calls_total",
+    "Calls that arrived as a client's retry (gRPC's grpc-previous-rpc-attempts): mostly "
+    "calls this coordinator's gRPC core shed unhandled when it fell behind taking calls in.",
+    ["method"],
+)
 DRIVER_ERRORS = Counter(
     "fedpilot_driver_errors_total", "Round-driver loops that failed and were carried on."
 )

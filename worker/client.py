@@ -2,11 +2,14 @@
 
 One method per RPC; tensors go through :mod:`fedpilot.wire` so the worker
 checks a downloaded adapter exactly as the coordinator checks an upload.
-Retries and reconnection are the caller's policy (:mod:`fedpilot.worker.service`).
+Retries and reconnection are the caller's policy (:mod:`fedpilot.worker.service`), but for
+calls an overloaded coordinator shed before handling them: the channel resends those
+(:data:`SERVICE_CONFIG`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -26,6 +29,35 @@ from fedpilot.v1 import (
 from fedpilot.wire import EncodedPayload, PayloadReceiver, WireError, error_detail_from_rpc_error
 from fedpilot.wire.payload import Checksum
 
+SHED_RETRY_ATTEMPTS = 5
+"""Attempts of one call that an overloaded coordinator's gRPC core refused (gRPC's cap)."""
+
+SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": "fedpilot.v1.Coordinator"}],
+            # A coordinator that falls behind taking calls in sheds the excess with
+            # CANCELLED before any handler runs (gRPC's pending-call limit: about a
+            # thousand of 2,000 workers registering or polling at once). The channel
+            # sends such a call again after a random wait of up to 1, 2, 4, 8 s, so a
+            # burst spreads out instead of failing. gRPC resends only a call of which
+            # no part was answered, and a stream only while all it sent is still in its
+            # 256 KiB buffer: what is resent never got an answer from a handler.
+            "retryPolicy": {
+                "maxAttempts": SHED_RETRY_ATTEMPTS,
+                "initialBackoff": "1s",
+                "maxBackoff": "8s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["CANCELLED"],
+            },
+        }
+    ],
+    # gRPC's retry throttling, per channel: each refused call takes one of 10 tokens,
+    # each answered one gives half a token back, and nothing is resent below 5, so a
+    # coordinator that sheds everything is not sent a second wave on top.
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.5},
+}
+
 # Large enough for one chunk plus framing; bounded so a hostile peer cannot
 # make us buffer arbitrary messages.
 _MESSAGE_LIMIT = 4 << 20
@@ -38,6 +70,7 @@ CHANNEL_OPTIONS = [
     # silent long after a restarted coordinator is back and be judged dead.
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 4_000),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
 ]
 
 

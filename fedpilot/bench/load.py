@@ -355,6 +355,7 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
             assert job is not None
             cpu = _cpu_seconds(pid) - cpu_before
             peak = _hwm(pid)
+            resent = _resent_calls(cluster.http_url)
             rounds = store.rounds(job_id)
             updates = [len(store.updates(job_id, r.number)) for r in rounds]
             duplicates_ok = all(n <= workers for n in updates)
@@ -418,6 +419,8 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
         },
         "database": "postgresql" if db_url else "sqlite",
         "coordinator_settings": sized,
+        "resent_calls": sum(resent.values()),
+        "resent_by_call": resent,
         "errors_by_call": dict(Counter(e.split(":", 1)[0] for e in errors).most_common()),
         "error_samples": errors[:5],
         "failed_after_s": {
@@ -432,6 +435,27 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
         "job": {"state": job.state, "error": job.error},
         "coordinator_log_lines": len(coordinator_log),
         "coordinator_log_first": coordinator_log[:30],
+    }
+
+
+def _resent_calls(http_url: str) -> dict[str, int]:
+    """``fedpilot_resent_calls_total`` by method, from the coordinator's /metrics: calls
+    its gRPC core shed unhandled and the workers' channels sent again (not errors: each
+    was answered or, after its last attempt, counted among the errors)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if not http_url:
+        return {}
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return {
+        sample.labels["method"]: int(sample.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == "fedpilot_resent_calls"
+        for sample in family.samples
+        if sample.name == "fedpilot_resent_calls_total"
     }
 
 

@@ -1,0 +1,100 @@
+"""A call an overloaded coordinator sheds is sent again by the worker's channel.
+
+gRPC's core refuses calls with CANCELLED, before any handler runs, once more than
+about a thousand wait to be taken up (seen at 2,000 workers). That cannot be provoked
+deterministically in a test, so the server here refuses the first attempts itself the
+same way (CANCELLED, nothing sent before it) over real gRPC; the client side under test
+is the real :class:`CoordinatorClient`, and the coordinator's own test of a resent call
+runs on the real server context.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+from fedpilot.coordinator.guard import is_resent
+from fedpilot.v1 import coordinator_pb2, coordinator_pb2_grpc
+from fedpilot.worker.client import SHED_RETRY_ATTEMPTS, CoordinatorClient
+
+
+class _Shedding(coordinator_pb2_grpc.CoordinatorServicer):
+    """Refuses the first ``shed`` attempts of every call with CANCELLED, then answers."""
+
+    def __init__(self, shed: int, code: grpc.StatusCode = grpc.StatusCode.CANCELLED) -> None:
+        self.shed, self.code = shed, code
+        self.attempts: list[str] = []
+        self.lock = threading.Lock()
+
+    def Heartbeat(self, request, context):
+        previous = dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts", "0")
+        with self.lock:
+            self.attempts.append(previous)
+            refuse = len(self.attempts) <= self.shed
+        if refuse:
+            context.abort(self.code, "shed")
+        return coordinator_pb2.HeartbeatResponse(heartbeat_interval_ms=1234)
+
+
+@pytest.fixture()
+def serve() -> Iterator:
+    servers = []
+
+    def start_server(servicer: _Shedding) -> CoordinatorClient:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        client = CoordinatorClient(f"127.0.0.1:{port}", timeout_s=30)
+        client.authenticate("w", "t")
+        return client
+
+    yield start_server
+    for server in servers:
+        server.stop(0)
+
+
+def test_a_shed_call_is_sent_again_and_answered(serve) -> None:
+    servicer = _Shedding(shed=2)
+    client = serve(servicer)
+    assert client.heartbeat().heartbeat_interval_ms == 1234
+    assert servicer.attempts == ["0", "1", "2"]
+
+
+def test_a_call_shed_at_every_attempt_fails_after_the_last(serve) -> None:
+    servicer = _Shedding(shed=100)
+    client = serve(servicer)
+    with pytest.raises(grpc.RpcError) as e:
+        client.heartbeat()
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    assert len(servicer.attempts) == SHED_RETRY_ATTEMPTS
+
+
+def test_other_refusals_are_not_resent(serve) -> None:
+    """A refusal with a reason (a rate limit, a bad token) is the caller's to handle."""
+    servicer = _Shedding(shed=1, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    client = serve(servicer)
+    with pytest.raises(grpc.RpcError) as e:
+        client.heartbeat()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert servicer.attempts == ["0"]
+
+
+def test_the_coordinator_tells_a_resent_call(serve) -> None:
+    """``is_resent`` (which ``fedpilot_resent_calls_total`` counts by) reads what the
+    client's channel sets on its second attempt, and only then."""
+    seen: list[bool] = []
+
+    class _Seeing(_Shedding):
+        def Heartbeat(self, request, context):
+            seen.append(is_resent(context))
+            return super().Heartbeat(request, context)
+
+    client = serve(_Seeing(shed=1))
+    assert client.heartbeat().heartbeat_interval_ms == 1234
+    assert seen == [False, True]
