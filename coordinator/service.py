@@ -30,7 +30,7 @@ from fedpilot.coordinator.adapter_shapes import (
 from fedpilot.coordinator.cadence import HeartbeatCadence, wave_delay
 from fedpilot.coordinator.db.blobs import BlobStore
 from fedpilot.coordinator.db.models import Task, Update, Worker
-from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed
+from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed, TaskOffer, UploadTarget
 from fedpilot.coordinator.guard import bearer_token
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.ratelimit import TokenBucket
@@ -461,11 +461,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             self._empty_polls.clear()  # only ever costs a query per worker
         self._empty_polls[worker_id] = (epoch, time.monotonic())
 
-    def _task_message(self, task: Task) -> coordinator_pb2.Task:
+    def _task_message(self, task: TaskOffer) -> coordinator_pb2.Task:
         spec = self._spec(task.job_id)
         assert spec is not None
-        rnd = self.store.round(task.job_id, task.round)
-        deadline_ms = int(rnd.deadline_at.timestamp() * 1000) if rnd and rnd.deadline_at else 0
+        deadline_ms = int(task.deadline_at.timestamp() * 1000) if task.deadline_at else 0
         return coordinator_pb2.Task(
             task_id=task.id,
             job_id=task.job_id,
@@ -560,14 +559,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             _check_update_fields(m, self.settings.max_profile_modules)
             task = self._upload_task(worker, m)
-            existing = self.store.update_of(task.job_id, task.round, worker.id)
-            if existing is not None:
+            if task.update_id is not None:
                 # Idempotent, even after the round closed: a retried upload counts once.
                 for _ in request_iterator:
                     pass
                 metrics.DUPLICATE_UPLOADS.inc()
                 return coordinator_pb2.UploadUpdateResponse(
-                    update_id=str(existing.id), duplicate=True
+                    update_id=str(task.update_id), duplicate=True
                 )
             self._require_open_round(task)
             self._check_manifest(task, m)
@@ -638,8 +636,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             update_id=str(record.update_id), duplicate=record.duplicate
         )
 
-    def _upload_task(self, worker: Worker, m: transfer_pb2.UpdateManifest) -> Task:
-        task = self.store.task(m.task_id)
+    def _upload_task(self, worker: Worker, m: transfer_pb2.UpdateManifest) -> UploadTarget:
+        task = self.store.upload_target(m.task_id)
         if task is None or task.worker_id != worker.id or task.kind != "train":
             raise _error(
                 errors_pb2.ERROR_REASON_NOT_ASSIGNED,
@@ -659,9 +657,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         return task
 
-    def _require_open_round(self, task: Task) -> None:
-        rnd = self.store.round(task.job_id, task.round)
-        if rnd is None or rnd.closed_at is not None or rnd.state != "training":
+    def _require_open_round(self, task: UploadTarget) -> None:
+        if task.round_closed_at is not None or task.round_state != "training":
             raise _error(
                 errors_pb2.ERROR_REASON_ROUND_CLOSED,
                 f"round {task.round} of job {task.job_id} no longer takes uploads",
@@ -672,7 +669,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 errors_pb2.ERROR_REASON_ROUND_CLOSED, f"task {task.id} is {task.status}", "task_id"
             )
 
-    def _check_manifest(self, task: Task, m: transfer_pb2.UpdateManifest) -> None:
+    def _check_manifest(self, task: UploadTarget, m: transfer_pb2.UpdateManifest) -> None:
         """The declared tensors are exactly the assigned modules' tensors, shaped as globally."""
         shapes = self._shapes(task.job_id)
         assigned = set(task.modules)

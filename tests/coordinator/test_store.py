@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from fedpilot.coordinator.db import migrate
 from fedpilot.coordinator.db.models import AdapterVersion, Base, ModuleStat, Task, Update, Worker
-from fedpilot.coordinator.db.store import AuthError, Store, make_engine, utcnow
+from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed, make_engine, utcnow
 from fedpilot.core.ig_score import ModuleStats
 
 
@@ -190,6 +190,47 @@ def test_offered_tasks_are_re_offered_until_finished(store: Store) -> None:
     store.set_task_status("t1", "refused", "budget")
     assert store.offered_task(worker_id) is None
     assert store.task("t1").reason == "budget"
+
+
+def test_an_offered_task_comes_with_its_rounds_deadline(store: Store) -> None:
+    job_id, worker_id = _job_with_round(store)
+    offer = store.offered_task(worker_id)
+    assert offer is not None
+    assert (offer.id, offer.job_id, offer.round, offer.kind) == ("t1", job_id, 1, "train")
+    assert offer.modules == ["m"] and offer.adapter_version == 0
+    assert offer.deadline_at == store.round(job_id, 1).deadline_at is not None
+
+
+def test_an_upload_target_is_the_task_its_round_and_any_earlier_update(store: Store) -> None:
+    job_id, worker_id = _job_with_round(store)
+    target = store.upload_target("t1")
+    assert target is not None
+    assert (target.id, target.job_id, target.round, target.worker_id) == (
+        "t1",
+        job_id,
+        1,
+        worker_id,
+    )
+    assert (target.kind, target.status, target.modules) == ("train", "offered", ["m"])
+    assert (target.round_state, target.round_closed_at, target.update_id) == (
+        "training",
+        None,
+        None,
+    )
+    record = store.record_update(_update(job_id, worker_id))
+    again = store.upload_target("t1")
+    assert again.status == "done" and again.update_id == record.update_id
+    assert store.upload_target("nope") is None and store.upload_target("x" * 100) is None
+
+
+def test_an_update_for_a_closed_task_is_refused_and_stores_nothing(store: Store) -> None:
+    job_id, worker_id = _job_with_round(store)
+    assert store.close_training(job_id, 1, "deadline") == [worker_id]
+    committed: list[bool] = []
+    with pytest.raises(TaskClosed, match="straggler"):
+        store.record_update(_update(job_id, worker_id), before_commit=lambda: committed.append(1))
+    assert committed == [] and store.updates(job_id, 1) == []
+    assert store.task("t1").status == "straggler"
 
 
 def test_rejections_are_recorded_per_job(store: Store) -> None:
