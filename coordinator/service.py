@@ -29,8 +29,15 @@ from fedpilot.coordinator.adapter_shapes import (
 )
 from fedpilot.coordinator.cadence import HeartbeatCadence, wave_delay
 from fedpilot.coordinator.db.blobs import BlobStore
-from fedpilot.coordinator.db.models import Task, Update, Worker
-from fedpilot.coordinator.db.store import AuthError, Store, TaskClosed, TaskOffer, UploadTarget
+from fedpilot.coordinator.db.models import Update, Worker
+from fedpilot.coordinator.db.store import (
+    AuthError,
+    Store,
+    TaskClosed,
+    TaskOffer,
+    TaskState,
+    UploadTarget,
+)
 from fedpilot.coordinator.guard import bearer_token
 from fedpilot.coordinator.jobspec import JobSpec
 from fedpilot.coordinator.ratelimit import TokenBucket
@@ -228,8 +235,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
             raise  # unreachable: abort raises
 
-    def _own_task(self, context: grpc.ServicerContext, worker: Worker, task_id: str) -> Task:
-        task = self.store.task(task_id)
+    def _own_task(self, context: grpc.ServicerContext, worker: Worker, task_id: str) -> TaskState:
+        task = self.store.task_state(task_id)
         if task is None or task.worker_id != worker.id:
             self._reject(
                 context,
@@ -359,7 +366,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.store.heartbeat(worker.id, _STATES.get(request.state, "idle"), request.task_id)
         abandon = False
         if request.task_id:
-            task = self.store.task(request.task_id)
+            task = self.store.task_state(request.task_id)
             abandon = task is None or task.worker_id != worker.id or task.status != "offered"
         return coordinator_pb2.HeartbeatResponse(
             heartbeat_interval_ms=self.cadence.interval_ms, abandon_task=abandon
@@ -388,7 +395,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         try:
             row = profile_row(request.profile, self._adapter_bounds(task.job_id))
-            if self.store.latest_version(task.job_id) is not None:
+            # Shapes are cached once the job has a version (versions are never deleted).
+            has_version = task.job_id in self._shape_cache
+            if has_version or self.store.latest_version(task.job_id) is not None:
                 # The global adapter exists: a profile of other shapes cannot train it.
                 differs = first_difference(row["tensors"], self._shapes(task.job_id))
                 if differs is not None:

@@ -39,23 +39,23 @@ SERVICE_CONFIG = {
             # A coordinator that falls behind taking calls in sheds the excess with
             # CANCELLED before any handler runs (gRPC's pending-call limit: about a
             # thousand of 2,000 workers registering or polling at once). The channel
-            # sends such a call again after a random wait of up to 1, 2, 4, 8 s, so a
+            # sends such a call again after a random wait of up to 2, 4, 8, 16 s, so a
             # burst spreads out instead of failing. gRPC resends only a call of which
             # no part was answered, and a stream only while all it sent is still in its
             # 256 KiB buffer: what is resent never got an answer from a handler.
             "retryPolicy": {
                 "maxAttempts": SHED_RETRY_ATTEMPTS,
-                "initialBackoff": "1s",
-                "maxBackoff": "8s",
+                "initialBackoff": "2s",
+                "maxBackoff": "16s",
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": ["CANCELLED"],
             },
         }
     ],
-    # gRPC's retry throttling, per channel: each refused call takes one of 10 tokens,
-    # each answered one gives half a token back, and nothing is resent below 5, so a
+    # gRPC's retry throttling, per channel: each refused call takes one of 20 tokens,
+    # each answered one gives half a token back, and nothing is resent below 10, so a
     # coordinator that sheds everything is not sent a second wave on top.
-    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.5},
+    "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.5},
 }
 
 # Large enough for one chunk plus framing; bounded so a hostile peer cannot

@@ -132,6 +132,17 @@ class UpdateRecord:
     duplicate: bool
 
 
+class TaskState(NamedTuple):
+    """Whose a task is, what kind, and where it stands: what a call about a task checks."""
+
+    id: str
+    job_id: str
+    round: int
+    worker_id: str
+    kind: str
+    status: str
+
+
 class TaskOffer(NamedTuple):
     """What a poll hands a worker: its oldest open task, with its round's deadline."""
 
@@ -167,6 +178,9 @@ _ROUND_OF_TASK = (Round.job_id == Task.job_id) & (Round.number == Task.round)
 # once: a poll's task with its deadline, and an upload's task, round and earlier update.
 # Selected as columns on a connection, not as ORM rows in a session; at 500 workers the
 # ORM's per-row and per-session work was a third of the coordinator's CPU.
+_TASK_STATE = select(*(getattr(Task, f) for f in TaskState._fields)).where(
+    Task.id == bindparam("task_id")
+)
 _OFFERED_TASK = (
     select(*(getattr(Task, f) for f in TaskOffer._fields[:-1]), Round.deadline_at)
     .select_from(Task)
@@ -599,6 +613,14 @@ class Store:
         with self._autocommit.connect() as c:
             row = c.execute(_OFFERED_TASK, {"worker_id": worker_id}).first()
         return TaskOffer(*row) if row is not None else None
+
+    @retrying
+    def task_state(self, task_id: str) -> TaskState | None:
+        if not plausible_id(task_id):
+            return None
+        with self._autocommit.connect() as c:
+            row = c.execute(_TASK_STATE, {"task_id": task_id}).first()
+        return TaskState(*row) if row is not None else None
 
     @retrying
     def upload_target(self, task_id: str) -> UploadTarget | None:

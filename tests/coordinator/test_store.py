@@ -192,6 +192,14 @@ def test_offered_tasks_are_re_offered_until_finished(store: Store) -> None:
     assert store.task("t1").reason == "budget"
 
 
+def test_a_task_state_is_its_owner_kind_and_status(store: Store) -> None:
+    job_id, worker_id = _job_with_round(store)
+    assert tuple(store.task_state("t1")) == ("t1", job_id, 1, worker_id, "train", "offered")
+    store.set_task_status("t1", "refused", "budget")
+    assert store.task_state("t1").status == "refused"
+    assert store.task_state("nope") is None and store.task_state("\x00") is None
+
+
 def test_an_offered_task_comes_with_its_rounds_deadline(store: Store) -> None:
     job_id, worker_id = _job_with_round(store)
     offer = store.offered_task(worker_id)

@@ -50,7 +50,7 @@ def serve() -> Iterator:
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
-        client = CoordinatorClient(f"127.0.0.1:{port}", timeout_s=30)
+        client = CoordinatorClient(f"127.0.0.1:{port}", timeout_s=60)
         client.authenticate("w", "t")
         return client
 
