@@ -54,3 +54,25 @@ def test_bench_load_reports_every_field_with_no_errors(pg_url: str) -> None:
         "FEDPILOT_GRPC_THREADS": "512",
         "FEDPILOT_GRPC_MAX_CONCURRENT_RPCS": "2048",
     }
+
+
+def test_resent_calls_are_read_from_the_coordinators_metrics(tmp_path) -> None:
+    """What the bench reports as ``resent_by_call`` is the coordinator's own counter, as its
+    HTTP /metrics serves it (the 6-worker run above resends nothing, so it reads zeros)."""
+    from fedpilot.bench.load import _resent_calls
+    from fedpilot.coordinator import metrics
+    from fedpilot.coordinator.server import start
+    from fedpilot.coordinator.settings import CoordinatorSettings
+
+    running = start(CoordinatorSettings(data_dir=tmp_path, grpc_port=0, http_port=0))
+    try:
+        url = f"http://127.0.0.1:{running.http_port}"
+        before = _resent_calls(url)
+        metrics.RESENT_CALLS.labels(method="DownloadAdapter").inc(3)
+        metrics.RESENT_CALLS.labels(method="Register").inc()
+        after = _resent_calls(url)
+        assert after["DownloadAdapter"] == before.get("DownloadAdapter", 0) + 3
+        assert after["Register"] == before.get("Register", 0) + 1
+        assert _resent_calls("") == {}
+    finally:
+        running.stop(grace=0.2)

@@ -9,16 +9,12 @@ the bytes with the real receiver.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent import futures
-
 import grpc
 import numpy as np
 import pytest
 
 from fedpilot.v1 import coordinator_pb2, coordinator_pb2_grpc, errors_pb2, transfer_pb2
 from fedpilot.wire import PayloadReceiver, WireError, rich_status
-from fedpilot.worker.client import CoordinatorClient
 
 TENSORS = {"m/lora_A": np.ones((2, 8), np.float32), "m/lora_B": np.zeros((8, 2), np.float32)}
 
@@ -46,23 +42,6 @@ class _EarlierRelease(coordinator_pb2_grpc.CoordinatorServicer):
             receiver.feed(message.data)
         receiver.finish()
         return coordinator_pb2.UploadUpdateResponse(update_id="1")
-
-
-@pytest.fixture()
-def serve() -> Iterator:
-    servers = []
-
-    def start(servicer: _EarlierRelease) -> CoordinatorClient:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return CoordinatorClient(f"127.0.0.1:{port}", timeout_s=10)
-
-    yield start
-    for server in servers:
-        server.stop(0)
 
 
 def test_a_refused_blake3_upload_is_sent_again_with_sha256(serve) -> None:

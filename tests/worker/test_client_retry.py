@@ -11,8 +11,7 @@ runs on the real server context.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from concurrent import futures
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -41,51 +40,44 @@ class _Shedding(coordinator_pb2_grpc.CoordinatorServicer):
 
 
 @pytest.fixture()
-def serve() -> Iterator:
-    servers = []
+def shedding(serve) -> Callable[[_Shedding], CoordinatorClient]:
+    """A client of a stand-in that sheds, with room for every attempt's wait (up to 30 s)."""
 
-    def start_server(servicer: _Shedding) -> CoordinatorClient:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        client = CoordinatorClient(f"127.0.0.1:{port}", timeout_s=60)
+    def start(servicer: _Shedding) -> CoordinatorClient:
+        client = serve(servicer, timeout_s=60)
         client.authenticate("w", "t")
         return client
 
-    yield start_server
-    for server in servers:
-        server.stop(0)
+    return start
 
 
-def test_a_shed_call_is_sent_again_and_answered(serve) -> None:
+def test_a_shed_call_is_sent_again_and_answered(shedding) -> None:
     servicer = _Shedding(shed=2)
-    client = serve(servicer)
+    client = shedding(servicer)
     assert client.heartbeat().heartbeat_interval_ms == 1234
     assert servicer.attempts == ["0", "1", "2"]
 
 
-def test_a_call_shed_at_every_attempt_fails_after_the_last(serve) -> None:
+def test_a_call_shed_at_every_attempt_fails_after_the_last(shedding) -> None:
     servicer = _Shedding(shed=100)
-    client = serve(servicer)
+    client = shedding(servicer)
     with pytest.raises(grpc.RpcError) as e:
         client.heartbeat()
     assert e.value.code() == grpc.StatusCode.CANCELLED
     assert len(servicer.attempts) == SHED_RETRY_ATTEMPTS
 
 
-def test_other_refusals_are_not_resent(serve) -> None:
+def test_other_refusals_are_not_resent(shedding) -> None:
     """A refusal with a reason (a rate limit, a bad token) is the caller's to handle."""
     servicer = _Shedding(shed=1, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
-    client = serve(servicer)
+    client = shedding(servicer)
     with pytest.raises(grpc.RpcError) as e:
         client.heartbeat()
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert servicer.attempts == ["0"]
 
 
-def test_the_coordinator_tells_a_resent_call(serve) -> None:
+def test_the_coordinator_tells_a_resent_call(shedding) -> None:
     """``is_resent`` (which ``fedpilot_resent_calls_total`` counts by) reads what the
     client's channel sets on its second attempt, and only then."""
     seen: list[bool] = []
@@ -95,6 +87,6 @@ def test_the_coordinator_tells_a_resent_call(serve) -> None:
             seen.append(is_resent(context))
             return super().Heartbeat(request, context)
 
-    client = serve(_Seeing(shed=1))
+    client = shedding(_Seeing(shed=1))
     assert client.heartbeat().heartbeat_interval_ms == 1234
     assert seen == [False, True]
