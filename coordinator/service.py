@@ -353,6 +353,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             worker_id=worker_id,
             token=token,
             heartbeat_interval_ms=self.cadence.interval_ms,
+            poll_keeps_alive=True,
         )
 
     def Heartbeat(
@@ -369,7 +370,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             task = self.store.task_state(request.task_id)
             abandon = task is None or task.worker_id != worker.id or task.status != "offered"
         return coordinator_pb2.HeartbeatResponse(
-            heartbeat_interval_ms=self.cadence.interval_ms, abandon_task=abandon
+            heartbeat_interval_ms=self.cadence.interval_ms,
+            abandon_task=abandon,
+            poll_keeps_alive=True,
         )
 
     def ReportProfile(
@@ -417,7 +420,20 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.PollTaskRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.PollTaskResponse:
         worker = self._worker(context, request.worker_id)
-        self.store.heartbeat(worker.id, "idle", None)
+        self.store.poll_opened(worker.id)  # the open poll is its heartbeat
+        try:
+            reply = self._poll(worker, request, context)
+        finally:
+            self.store.poll_closed(worker.id)
+        reply.heartbeat_interval_ms = self.cadence.interval_ms
+        return reply
+
+    def _poll(
+        self,
+        worker: Worker,
+        request: coordinator_pb2.PollTaskRequest,
+        context: grpc.ServicerContext,
+    ) -> coordinator_pb2.PollTaskResponse:
         deadline = time.monotonic() + min(request.wait_ms, self.settings.max_poll_wait_ms) / 1000
         # Set by new tasks and by the call's end (the client went away), so a waiting
         # poll needs no timer to notice either.

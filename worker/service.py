@@ -202,7 +202,6 @@ class WorkerService:
                     budget_bytes=self.budget,
                     enrollment_secret=self.settings.enrollment_secret,
                 )
-                self.heartbeat_s = reg.heartbeat_interval_ms / 1000
                 log.info("registered as %s with budget %d bytes", reg.worker_id, self.budget)
                 return
             except grpc.RpcError as e:
@@ -233,12 +232,17 @@ class WorkerService:
         finally:
             self._poll = None
 
+    @property
+    def heartbeat_s(self) -> float:
+        """The interval the coordinator last told (its cadence follows its fleet)."""
+        return self.client.heartbeat_interval_ms / 1000 or 2.0
+
     def _heartbeats(self) -> None:
-        while not self.stop.wait(getattr(self, "heartbeat_s", 2.0)):
+        while not self.stop.wait(self.heartbeat_s):
+            if not self.client.heartbeat_needed:  # an open long poll keeps it alive
+                continue
             try:
                 reply = self.client.heartbeat(self.state, self.task_id)
-                if reply.heartbeat_interval_ms:  # the coordinator's cadence follows its fleet
-                    self.heartbeat_s = reply.heartbeat_interval_ms / 1000
                 if reply.abandon_task and self.task_id:
                     self.abandon.set()
             except grpc.RpcError as e:

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
-from sqlalchemy import bindparam, create_engine, event, func, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
@@ -234,6 +235,11 @@ class Store:
         self._beats: dict[str, tuple[datetime, str, str | None]] = {}
         """Heartbeats not yet written; flushed in one statement before liveness is read."""
         self._beats_lock = threading.Lock()
+        self._polls: dict[str, tuple[int, float]] = {}
+        """Workers with a long poll open: how many, and when their last beat was recorded
+        (monotonic). An open poll is the worker's heartbeat (:meth:`poll_opened`)."""
+        self.poll_beat_s = 2.0
+        """How stale a polling worker's beat may get before :meth:`workers` refreshes it."""
 
     @classmethod
     def open(cls, url: str, *, upgrade: bool = True) -> Store:
@@ -311,9 +317,44 @@ class Store:
         with self._beats_lock:
             self._beats[worker_id] = (utcnow(), state, task_id or None)
 
-    @retrying
-    def flush_heartbeats(self) -> int:
+    def poll_opened(self, worker_id: str) -> None:
+        """A long poll of this worker began: a heartbeat now, and until :meth:`poll_closed`
+        one whenever liveness is read and its last is getting stale. A worker told
+        ``poll_keeps_alive`` sends no heartbeats while it polls: at 500 workers those
+        were over half of all calls (docs/benchmarks.md, "Load"). A poll whose peer
+        vanished ends at its wait (``max_poll_wait_ms``), so a dead worker looks alive
+        at most that much longer than one that stopped beating."""
         with self._beats_lock:
+            self._beats[worker_id] = (utcnow(), "idle", None)
+            count, _ = self._polls.get(worker_id, (0, 0.0))
+            self._polls[worker_id] = (count + 1, time.monotonic())
+
+    def poll_closed(self, worker_id: str) -> None:
+        with self._beats_lock:
+            count, at = self._polls.pop(worker_id, (0, 0.0))
+            if count > 1:
+                self._polls[worker_id] = (count - 1, at)
+
+    def _beat_polling(self, stale_after_s: float) -> None:
+        """Buffer a heartbeat for every polling worker whose last is older than
+        ``stale_after_s`` (caller holds ``_beats_lock``): one row per worker per that
+        period, instead of one call per worker per heartbeat interval."""
+        now, stamp = time.monotonic(), None
+        for worker_id, (count, at) in self._polls.items():
+            if now - at >= stale_after_s and worker_id not in self._beats:
+                stamp = stamp or utcnow()
+                self._beats[worker_id] = (stamp, "idle", None)
+                self._polls[worker_id] = (count, now)
+
+    @retrying
+    def flush_heartbeats(self, poll_stale_after_s: float | None = None) -> int:
+        """Write the buffered heartbeats, polling workers' included (refreshed when their
+        last is older than ``poll_stale_after_s``, by default :attr:`poll_beat_s`)."""
+        with self._beats_lock:
+            if self._polls:
+                self._beat_polling(
+                    self.poll_beat_s if poll_stale_after_s is None else poll_stale_after_s
+                )
             beats, self._beats = self._beats, {}
         if not beats:
             return 0
@@ -369,8 +410,9 @@ class Store:
             return list(s.scalars(select(Worker).where(alive).order_by(Worker.id)))
 
     def _alive(self, timeout_s: float) -> Any:
-        """The condition "heard within ``timeout_s``", buffered heartbeats written first."""
-        self.flush_heartbeats()
+        """The condition "heard within ``timeout_s``", buffered heartbeats written first
+        (a polling worker's refreshed at a third of the timeout: never near it)."""
+        self.flush_heartbeats(timeout_s / 3)
         return Worker.last_heartbeat >= utcnow() - timedelta(seconds=timeout_s)
 
     # The round driver reads liveness on every tick, and a tick follows every accepted
@@ -644,32 +686,44 @@ class Store:
     def finish_profile_task(
         self, task_id: str, job_id: str, worker_id: str, profile: Mapping[str, Any]
     ) -> None:
-        """Store the profile and mark its task done in one transaction."""
-        with self.session() as s, s.begin():
-            row = s.scalar(
-                select(Profile).where(Profile.job_id == job_id, Profile.worker_id == worker_id)
-            )
-            if row is None:
-                row = Profile(job_id=job_id, worker_id=worker_id)
-                s.add(row)
-            for key, value in profile.items():
-                setattr(row, key, value)
-            row.created_at = utcnow()
+        """Store the profile (replacing this worker's earlier one for the job) and mark its
+        task done, in one transaction of two Core statements: every worker reports once
+        a job, all in the same round, and the ORM's read, flush and update took 7% of the
+        coordinator's time at 500 workers."""
+        table, tasks = Profile.__table__, Task.__table__.c
+        columns = {**profile, "created_at": utcnow()}
+        insert_ = self._upsert(table).values(job_id=job_id, worker_id=worker_id, **columns)
+        insert_ = insert_.on_conflict_do_update(
+            index_elements=[table.c.job_id, table.c.worker_id],
+            set_={key: insert_.excluded[key] for key in columns},
+        )
+        with self.engine.begin() as conn:
+            conn.execute(insert_)
             # A late profile is kept for the next round; its task stays a straggler.
-            s.execute(
-                update(Task)
-                .where(Task.id == task_id, Task.status == "offered")
+            conn.execute(
+                update(Task.__table__)
+                .where(tasks.id == task_id, tasks.status == "offered")
                 .values(status="done", updated_at=utcnow())
             )
 
+    def _upsert(self, table: Any) -> Any:
+        """The dialect's ``INSERT`` with ``ON CONFLICT`` (PostgreSQL and SQLite alike)."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        return dialect_insert(table)
+
     # -- updates ---------------------------------------------------------------------------
 
-    def _existing_update(self, s: Session, row: Update) -> Update | None:
-        return s.scalar(
-            select(Update).where(
-                Update.job_id == row.job_id,
-                Update.round == row.round,
-                Update.worker_id == row.worker_id,
+    @staticmethod
+    def _existing_update_id(conn: Connection, row: Update) -> int | None:
+        updates = Update.__table__.c
+        return conn.scalar(
+            select(updates.id).where(
+                updates.job_id == row.job_id,
+                updates.round == row.round,
+                updates.worker_id == row.worker_id,
             )
         )
 
@@ -679,37 +733,45 @@ class Store:
     ) -> UpdateRecord:
         """Insert the update and finish its task; the same (job, round, worker) counts once.
 
-        ``before_commit`` runs after the row is flushed (so the database accepted it) and
+        ``before_commit`` runs after the row is inserted (so the database accepted it) and
         before the transaction commits: the upload makes its blob visible there, so a
-        refused row never leaves a blob behind."""
+        refused row never leaves a blob behind. Core statements, not the ORM's unit of
+        work: every worker writes here once a round, and the ORM's update and flush were
+        14% of the coordinator's time at 500 workers (docs/benchmarks.md, "Load")."""
+        tasks, updates = Task.__table__.c, Update.__table__
+        # id from its sequence, received_at from the column default
+        values = {
+            c.key: getattr(row, c.key) for c in updates.c if c.key not in ("id", "received_at")
+        }
         try:
-            with self.session() as s, s.begin():
+            with self.engine.begin() as conn:
                 # Finishing the task locks its row, so a round closing at this moment
                 # either sees it done or has made it a straggler, and then nothing counts.
-                finished = s.execute(
-                    update(Task)
-                    .where(Task.id == row.task_id, Task.status == "offered")
+                finished = conn.execute(
+                    update(Task.__table__)
+                    .where(tasks.id == row.task_id, tasks.status == "offered")
                     .values(status="done", updated_at=utcnow())
-                    .returning(Task.id)
+                    .returning(tasks.id)
                 ).first()
                 if finished is None:
-                    existing = self._existing_update(s, row)
+                    existing = self._existing_update_id(conn, row)
                     if existing is not None:
-                        return UpdateRecord(existing.id, True)
-                    status = s.scalar(select(Task.status).where(Task.id == row.task_id))
+                        return UpdateRecord(existing, True)
+                    status = conn.scalar(select(tasks.status).where(tasks.id == row.task_id))
                     raise TaskClosed(f"task {row.task_id} is {status or 'missing'}, no longer open")
-                s.add(row)
-                s.flush()
+                update_id = conn.execute(
+                    insert(updates).values(values).returning(updates.c.id)
+                ).scalar_one()
                 if before_commit is not None:
                     before_commit()
-                return UpdateRecord(row.id, False)
+                return UpdateRecord(update_id, False)
         except IntegrityError:
             # A concurrent retry of the same upload won the race.
-            with self.reading() as s:
-                existing = self._existing_update(s, row)
+            with self._autocommit.connect() as conn:
+                existing = self._existing_update_id(conn, row)
             if existing is None:
                 raise
-            return UpdateRecord(existing.id, True)
+            return UpdateRecord(existing, True)
 
     @retrying
     def updates(self, job_id: str, number: int) -> list[Update]:

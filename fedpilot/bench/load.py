@@ -170,7 +170,8 @@ heartbeats than a real fleet of its size."""
 
 def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event) -> None:
     """Every worker's heartbeat once per the interval the coordinator last told it
-    (start to start, as a worker's own heartbeat thread would), a few at a time."""
+    (start to start, as a worker's own heartbeat thread would), a few at a time, and
+    as the worker does, none while an open long poll keeps it alive."""
     import grpc
 
     due: dict[Any, float] = {}
@@ -178,9 +179,7 @@ def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event)
     def beat(client: Any) -> None:
         began = time.perf_counter()
         try:
-            reply = timed("Heartbeat", client.heartbeat)
-            if reply.heartbeat_interval_ms:
-                clients[client] = reply.heartbeat_interval_ms / 1000
+            timed("Heartbeat", client.heartbeat)
         except grpc.RpcError as e:
             if not stop.is_set():
                 timed.failed("Heartbeat", e, time.perf_counter() - began, "beat")
@@ -189,10 +188,13 @@ def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event)
         while not stop.wait(0.05):
             now = time.monotonic()
             ready = []
-            for client, interval in list(clients.items()):
+            for client in list(clients):
+                # as told by its last Register, Heartbeat or PollTask answer
+                interval = clients[client] = client.heartbeat_interval_ms / 1000
                 when = due.setdefault(client, now + interval)
                 if when <= now:
-                    ready.append(client)
+                    if client.heartbeat_needed:  # not while its long poll keeps it alive
+                        ready.append(client)
                     due[client] = max(when + interval, now)
             list(pool.map(beat, ready))
 

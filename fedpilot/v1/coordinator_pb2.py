@@ -27,7 +27,7 @@ from fedpilot.v1 import profile_pb2 as fedpilot_dot_v1_dot_profile__pb2
 from fedpilot.v1 import transfer_pb2 as fedpilot_dot_v1_dot_transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64pilot/v1/coordinator.proto\x12\x0b\x66\x65\x64pilot.v1\x1a\x18\x66\x65\x64pilot/v1/errors.proto\x1a\x19\x66\x65\x64pilot/v1/profile.proto\x1a\x1a\x66\x65\x64pilot/v1/transfer.proto\"_\n\nDeviceInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x03 \x01(\x04\x12\x19\n\x11\x66ree_memory_bytes\x18\x04 \x01(\x04\"\xe2\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x38\n\x06labels\x18\x02 \x03(\x0b\x32(.fedpilot.v1.RegisterRequest.LabelsEntry\x12\'\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x17.fedpilot.v1.DeviceInfo\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x65nrollment_secret\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"_\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.fedpilot.v1.WorkerState\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"H\n\x11HeartbeatResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x14\n\x0c\x61\x62\x61ndon_task\x18\x02 \x01(\x08\"w\n\x14ReportProfileRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12+\n\x07profile\x18\x04 \x01(\x0b\x32\x1a.fedpilot.v1.MemoryProfile\"\x17\n\x15ReportProfileResponse\"5\n\x0fPollTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"\x86\x03\n\tJobConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x11\n\tlora_rank\x18\x04 \x01(\r\x12\x12\n\nlora_alpha\x18\x05 \x01(\x02\x12\x14\n\x0clora_dropout\x18\x06 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\t \x01(\r\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x15\n\rlearning_rate\x18\x0b \x01(\x01\x12\x14\n\x0cweight_decay\x18\x0c \x01(\x01\x12\x13\n\x0blocal_steps\x18\r \x01(\r\x12\x14\n\x0clocal_epochs\x18\x0e \x01(\r\x12\x18\n\x10ig_probe_batches\x18\x0f \x01(\r\x12\x0c\n\x04seed\x18\x10 \x01(\x04\x12\x0f\n\x07\x64\x61taset\x18\x11 \x01(\t\x12\x13\n\x0blabel_names\x18\x12 \x03(\t\x12\x15\n\rpayload_dtype\x18\x13 \x01(\t\"\xe5\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.fedpilot.v1.TaskKind\x12&\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x16.fedpilot.v1.JobConfig\x12\x0f\n\x07modules\x18\x06 \x03(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\x04\x12\x1c\n\x14predicted_peak_bytes\x18\x08 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\t \x01(\x03\"3\n\x10PollTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.fedpilot.v1.Task\"a\n\x11RefuseTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12(\n\x06reason\x18\x03 \x01(\x0b\x32\x18.fedpilot.v1.ErrorDetail\"\x14\n\x12RefuseTaskResponse\"L\n\x16\x44ownloadAdapterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"<\n\x14UploadUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08*\x95\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_STATE_IDLE\x10\x01\x12\x1a\n\x16WORKER_STATE_PROFILING\x10\x02\x12\x19\n\x15WORKER_STATE_TRAINING\x10\x03\x12\x1a\n\x16WORKER_STATE_UPLOADING\x10\x04*Q\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_KIND_PROFILE\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x32\xbe\x04\n\x0b\x43oordinator\x12G\n\x08Register\x12\x1c.fedpilot.v1.RegisterRequest\x1a\x1d.fedpilot.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.fedpilot.v1.HeartbeatRequest\x1a\x1e.fedpilot.v1.HeartbeatResponse\x12V\n\rReportProfile\x12!.fedpilot.v1.ReportProfileRequest\x1a\".fedpilot.v1.ReportProfileResponse\x12G\n\x08PollTask\x12\x1c.fedpilot.v1.PollTaskRequest\x1a\x1d.fedpilot.v1.PollTaskResponse\x12M\n\nRefuseTask\x12\x1e.fedpilot.v1.RefuseTaskRequest\x1a\x1f.fedpilot.v1.RefuseTaskResponse\x12S\n\x0f\x44ownloadAdapter\x12#.fedpilot.v1.DownloadAdapterRequest\x1a\x19.fedpilot.v1.AdapterChunk0\x01\x12U\n\x0cUploadUpdate\x12 .fedpilot.v1.UploadUpdateRequest\x1a!.fedpilot.v1.UploadUpdateResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64pilot/v1/coordinator.proto\x12\x0b\x66\x65\x64pilot.v1\x1a\x18\x66\x65\x64pilot/v1/errors.proto\x1a\x19\x66\x65\x64pilot/v1/profile.proto\x1a\x1a\x66\x65\x64pilot/v1/transfer.proto\"_\n\nDeviceInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x03 \x01(\x04\x12\x19\n\x11\x66ree_memory_bytes\x18\x04 \x01(\x04\"\xe2\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x38\n\x06labels\x18\x02 \x03(\x0b\x32(.fedpilot.v1.RegisterRequest.LabelsEntry\x12\'\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x17.fedpilot.v1.DeviceInfo\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x65nrollment_secret\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x18\n\x10poll_keeps_alive\x18\x04 \x01(\x08\"_\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.fedpilot.v1.WorkerState\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"b\n\x11HeartbeatResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x14\n\x0c\x61\x62\x61ndon_task\x18\x02 \x01(\x08\x12\x18\n\x10poll_keeps_alive\x18\x03 \x01(\x08\"w\n\x14ReportProfileRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12+\n\x07profile\x18\x04 \x01(\x0b\x32\x1a.fedpilot.v1.MemoryProfile\"\x17\n\x15ReportProfileResponse\"5\n\x0fPollTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"\x86\x03\n\tJobConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x11\n\tlora_rank\x18\x04 \x01(\r\x12\x12\n\nlora_alpha\x18\x05 \x01(\x02\x12\x14\n\x0clora_dropout\x18\x06 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\t \x01(\r\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x15\n\rlearning_rate\x18\x0b \x01(\x01\x12\x14\n\x0cweight_decay\x18\x0c \x01(\x01\x12\x13\n\x0blocal_steps\x18\r \x01(\r\x12\x14\n\x0clocal_epochs\x18\x0e \x01(\r\x12\x18\n\x10ig_probe_batches\x18\x0f \x01(\r\x12\x0c\n\x04seed\x18\x10 \x01(\x04\x12\x0f\n\x07\x64\x61taset\x18\x11 \x01(\t\x12\x13\n\x0blabel_names\x18\x12 \x03(\t\x12\x15\n\rpayload_dtype\x18\x13 \x01(\t\"\xe5\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.fedpilot.v1.TaskKind\x12&\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x16.fedpilot.v1.JobConfig\x12\x0f\n\x07modules\x18\x06 \x03(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\x04\x12\x1c\n\x14predicted_peak_bytes\x18\x08 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\t \x01(\x03\"R\n\x10PollTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.fedpilot.v1.Task\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"a\n\x11RefuseTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12(\n\x06reason\x18\x03 \x01(\x0b\x32\x18.fedpilot.v1.ErrorDetail\"\x14\n\x12RefuseTaskResponse\"L\n\x16\x44ownloadAdapterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"<\n\x14UploadUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08*\x95\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_STATE_IDLE\x10\x01\x12\x1a\n\x16WORKER_STATE_PROFILING\x10\x02\x12\x19\n\x15WORKER_STATE_TRAINING\x10\x03\x12\x1a\n\x16WORKER_STATE_UPLOADING\x10\x04*Q\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_KIND_PROFILE\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x32\xbe\x04\n\x0b\x43oordinator\x12G\n\x08Register\x12\x1c.fedpilot.v1.RegisterRequest\x1a\x1d.fedpilot.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.fedpilot.v1.HeartbeatRequest\x1a\x1e.fedpilot.v1.HeartbeatResponse\x12V\n\rReportProfile\x12!.fedpilot.v1.ReportProfileRequest\x1a\".fedpilot.v1.ReportProfileResponse\x12G\n\x08PollTask\x12\x1c.fedpilot.v1.PollTaskRequest\x1a\x1d.fedpilot.v1.PollTaskResponse\x12M\n\nRefuseTask\x12\x1e.fedpilot.v1.RefuseTaskRequest\x1a\x1f.fedpilot.v1.RefuseTaskResponse\x12S\n\x0f\x44ownloadAdapter\x12#.fedpilot.v1.DownloadAdapterRequest\x1a\x19.fedpilot.v1.AdapterChunk0\x01\x12U\n\x0cUploadUpdate\x12 .fedpilot.v1.UploadUpdateRequest\x1a!.fedpilot.v1.UploadUpdateResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERSTATE']._serialized_start=1850
-  _globals['_WORKERSTATE']._serialized_end=1999
-  _globals['_TASKKIND']._serialized_start=2001
-  _globals['_TASKKIND']._serialized_end=2082
+  _globals['_WORKERSTATE']._serialized_start=1933
+  _globals['_WORKERSTATE']._serialized_end=2082
+  _globals['_TASKKIND']._serialized_start=2084
+  _globals['_TASKKIND']._serialized_end=2165
   _globals['_DEVICEINFO']._serialized_start=127
   _globals['_DEVICEINFO']._serialized_end=222
   _globals['_REGISTERREQUEST']._serialized_start=225
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=406
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=451
   _globals['_REGISTERRESPONSE']._serialized_start=453
-  _globals['_REGISTERRESPONSE']._serialized_end=536
-  _globals['_HEARTBEATREQUEST']._serialized_start=538
-  _globals['_HEARTBEATREQUEST']._serialized_end=633
-  _globals['_HEARTBEATRESPONSE']._serialized_start=635
-  _globals['_HEARTBEATRESPONSE']._serialized_end=707
-  _globals['_REPORTPROFILEREQUEST']._serialized_start=709
-  _globals['_REPORTPROFILEREQUEST']._serialized_end=828
-  _globals['_REPORTPROFILERESPONSE']._serialized_start=830
-  _globals['_REPORTPROFILERESPONSE']._serialized_end=853
-  _globals['_POLLTASKREQUEST']._serialized_start=855
-  _globals['_POLLTASKREQUEST']._serialized_end=908
-  _globals['_JOBCONFIG']._serialized_start=911
-  _globals['_JOBCONFIG']._serialized_end=1301
-  _globals['_TASK']._serialized_start=1304
-  _globals['_TASK']._serialized_end=1533
-  _globals['_POLLTASKRESPONSE']._serialized_start=1535
-  _globals['_POLLTASKRESPONSE']._serialized_end=1586
-  _globals['_REFUSETASKREQUEST']._serialized_start=1588
-  _globals['_REFUSETASKREQUEST']._serialized_end=1685
-  _globals['_REFUSETASKRESPONSE']._serialized_start=1687
-  _globals['_REFUSETASKRESPONSE']._serialized_end=1707
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=1709
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=1785
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1787
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1847
-  _globals['_COORDINATOR']._serialized_start=2085
-  _globals['_COORDINATOR']._serialized_end=2659
+  _globals['_REGISTERRESPONSE']._serialized_end=562
+  _globals['_HEARTBEATREQUEST']._serialized_start=564
+  _globals['_HEARTBEATREQUEST']._serialized_end=659
+  _globals['_HEARTBEATRESPONSE']._serialized_start=661
+  _globals['_HEARTBEATRESPONSE']._serialized_end=759
+  _globals['_REPORTPROFILEREQUEST']._serialized_start=761
+  _globals['_REPORTPROFILEREQUEST']._serialized_end=880
+  _globals['_REPORTPROFILERESPONSE']._serialized_start=882
+  _globals['_REPORTPROFILERESPONSE']._serialized_end=905
+  _globals['_POLLTASKREQUEST']._serialized_start=907
+  _globals['_POLLTASKREQUEST']._serialized_end=960
+  _globals['_JOBCONFIG']._serialized_start=963
+  _globals['_JOBCONFIG']._serialized_end=1353
+  _globals['_TASK']._serialized_start=1356
+  _globals['_TASK']._serialized_end=1585
+  _globals['_POLLTASKRESPONSE']._serialized_start=1587
+  _globals['_POLLTASKRESPONSE']._serialized_end=1669
+  _globals['_REFUSETASKREQUEST']._serialized_start=1671
+  _globals['_REFUSETASKREQUEST']._serialized_end=1768
+  _globals['_REFUSETASKRESPONSE']._serialized_start=1770
+  _globals['_REFUSETASKRESPONSE']._serialized_end=1790
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=1792
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=1868
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1870
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1930
+  _globals['_COORDINATOR']._serialized_start=2168
+  _globals['_COORDINATOR']._serialized_end=2742
 # @@protoc_insertion_point(module_scope)

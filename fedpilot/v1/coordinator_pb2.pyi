@@ -66,14 +66,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., enrollment_secret: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("worker_id", "token", "heartbeat_interval_ms")
+    __slots__ = ("worker_id", "token", "heartbeat_interval_ms", "poll_keeps_alive")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    POLL_KEEPS_ALIVE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     token: str
     heartbeat_interval_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., token: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+    poll_keeps_alive: bool
+    def __init__(self, worker_id: _Optional[str] = ..., token: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., poll_keeps_alive: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "state", "task_id")
@@ -86,12 +88,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "abandon_task")
+    __slots__ = ("heartbeat_interval_ms", "abandon_task", "poll_keeps_alive")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     ABANDON_TASK_FIELD_NUMBER: _ClassVar[int]
+    POLL_KEEPS_ALIVE_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     abandon_task: bool
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., abandon_task: _Optional[bool] = ...) -> None: ...
+    poll_keeps_alive: bool
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., abandon_task: _Optional[bool] = ..., poll_keeps_alive: _Optional[bool] = ...) -> None: ...
 
 class ReportProfileRequest(_message.Message):
     __slots__ = ("worker_id", "job_id", "task_id", "profile")
@@ -182,10 +186,12 @@ class Task(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., modules: _Optional[_Iterable[str]] = ..., adapter_version: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class PollTaskResponse(_message.Message):
-    __slots__ = ("task",)
+    __slots__ = ("task", "heartbeat_interval_ms")
     TASK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     task: Task
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+    heartbeat_interval_ms: int
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class RefuseTaskRequest(_message.Message):
     __slots__ = ("worker_id", "task_id", "reason")

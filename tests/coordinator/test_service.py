@@ -374,3 +374,28 @@ def test_an_idle_worker_polling_again_costs_no_query_until_tasks_are_created(
     task = _poll(client, coordinator_pb2.TASK_KIND_PROFILE)
     assert task.task_id and len(queries) >= 2
     client.close()
+
+
+def test_a_worker_polling_sends_no_heartbeats_and_stays_alive(running: RunningCoordinator) -> None:
+    """The coordinator says an open poll keeps a worker alive; its client then sends no
+    heartbeat while one is open, and the driver still counts it (a timeout of 1 s,
+    several times shorter than the poll)."""
+    client = CoordinatorClient(f"127.0.0.1:{running.port}")
+    client.register("polling-worker", budget_bytes=BASE + MODULE_BYTES)
+    assert client.poll_keeps_alive and client.heartbeat_needed
+    assert client.heartbeat().poll_keeps_alive
+    future = client.poll_task_future(4_000)
+    try:
+        deadline = time.monotonic() + 10
+        while client.worker_id not in running.store._polls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not client.heartbeat_needed
+        time.sleep(2.5)  # 2.5 timeouts of silence, every beat from the poll alone
+        assert running.store.alive_worker_ids(1.0) == {client.worker_id}
+    finally:
+        future.cancel()
+    deadline = time.monotonic() + 10
+    while not client.heartbeat_needed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.heartbeat_needed  # the poll ended: beating again
+    client.close()

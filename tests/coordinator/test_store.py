@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -328,3 +329,60 @@ def test_a_pool_wait_that_runs_out_is_retried_and_a_driver_step_keeps_its_job(
     assert _transient(PoolTimeout("QueuePool limit reached"))
     assert not _transient(ValueError("a real fault"))
     engine.dispose()
+
+
+def _profile(budget: int) -> dict[str, object]:
+    return {
+        "memory": {"modules": {}, "layer_activation_bytes": [], "base_bytes": budget},
+        "tensors": {"m/lora_A": [2, 4]},
+        "budget_bytes": budget,
+        "method": "saved_tensors",
+        "device": "cpu",
+    }
+
+
+def test_a_profile_report_replaces_the_earlier_one_and_finishes_its_task(store: Store) -> None:
+    job_id, worker_id = _job_with_round(store)
+    store.finish_profile_task("t1", job_id, worker_id, _profile(7))
+    assert store.task_state("t1").status == "done"
+    first = store.profiles(job_id)[worker_id]
+    assert first.budget_bytes == 7 and first.tensors == {"m/lora_A": [2, 4]}
+    # Reported again (a later round's profile task): one row, the newer values
+    store.set_task_status("t1", "offered")
+    store.finish_profile_task("t1", job_id, worker_id, _profile(9))
+    again = store.profiles(job_id)
+    assert list(again) == [worker_id] and again[worker_id].id == first.id
+    assert again[worker_id].budget_bytes == 9 and again[worker_id].created_at >= first.created_at
+    # A late report is kept, and its straggler task stays a straggler
+    store.set_task_status("t1", "straggler")
+    store.finish_profile_task("t1", job_id, worker_id, _profile(11))
+    assert store.profiles(job_id)[worker_id].budget_bytes == 11
+    assert store.task_state("t1").status == "straggler"
+
+
+def test_an_open_poll_keeps_its_worker_alive_until_it_closes(store: Store) -> None:
+    polling, _ = store.register_worker("polling", {}, {}, 1)
+    silent, _ = store.register_worker("silent", {}, {}, 1)
+
+    def silence_since_long_ago() -> None:
+        with store.session() as s, s.begin():
+            s.execute(update(Worker).values(last_heartbeat=utcnow() - timedelta(minutes=10)))
+
+    silence_since_long_ago()
+    store.poll_opened(polling)  # the poll's start is a heartbeat
+    assert store.alive_worker_ids(60) == {polling}
+    silence_since_long_ago()
+    # Refreshed only once its last beat is a third of the timeout old: not yet at 60 s
+    assert store.alive_worker_ids(60) == set()
+    time.sleep(0.4)  # past a third of a 1 s timeout: refreshed as liveness is read
+    assert store.alive_worker_ids(1.0) == {polling}
+    store.poll_opened(polling)  # a second poll of the same worker, then one of them ends
+    store.poll_closed(polling)
+    silence_since_long_ago()
+    time.sleep(0.4)
+    assert store.alive_worker_ids(1.0) == {polling}
+    store.poll_closed(polling)  # no poll open: silence counts again
+    silence_since_long_ago()
+    time.sleep(0.4)
+    assert store.alive_worker_ids(1.0) == set()
+    assert silent not in store.alive_worker_ids(60)

@@ -11,6 +11,7 @@ runs on the real server context.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -90,3 +91,39 @@ def test_the_coordinator_tells_a_resent_call(shedding) -> None:
     client = shedding(_Seeing(shed=1))
     assert client.heartbeat().heartbeat_interval_ms == 1234
     assert seen == [False, True]
+
+
+class _EarlierCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
+    """A coordinator from before ``poll_keeps_alive``: its polls wait, and it never says
+    an open poll keeps a worker alive (the field reads false)."""
+
+    def __init__(self) -> None:
+        self.polling = threading.Event()
+
+    def Register(self, request, context):
+        return coordinator_pb2.RegisterResponse(worker_id="w", token="t")
+
+    def PollTask(self, request, context):
+        self.polling.set()
+        context.add_callback(self.polling.clear)
+        time.sleep(request.wait_ms / 1000)
+        return coordinator_pb2.PollTaskResponse()
+
+
+def test_a_worker_keeps_beating_while_it_polls_a_coordinator_that_does_not_count_polls(
+    serve,
+) -> None:
+    servicer = _EarlierCoordinator()
+    client = serve(servicer)
+    client.register("w")
+    assert not client.poll_keeps_alive
+    future = client.poll_task_future(3_000)
+    assert servicer.polling.wait(5)
+    assert client.heartbeat_needed  # such a coordinator would count the worker dead
+    client.poll_keeps_alive = True  # what a current coordinator's answer sets
+    assert not client.heartbeat_needed
+    future.cancel()
+    deadline = time.monotonic() + 5
+    while not client.heartbeat_needed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.heartbeat_needed

@@ -26,31 +26,41 @@ def test_the_worker_follows_the_told_interval_and_shutdown_ends_its_long_poll(
             grpc_port=0,
             tick_seconds=0.05,
             heartbeat_interval_ms=200,
-            heartbeat_timeout_s=5,
             heartbeats_per_s=0.5,  # one worker already outgrows it: a 2 s interval
         )
     )
-    try:
+
+    def worker(name: str, **settings: int) -> tuple[WorkerService, threading.Thread]:
         service = WorkerService(
             WorkerSettings(
                 coordinator=f"127.0.0.1:{coordinator.port}",
-                name="lifecycle",
+                name=name,
                 data=tmp_path / "unused.csv",
                 memory_budget=1 << 30,
+                **settings,  # type: ignore[arg-type]
             )
         )
-        assert service.settings.poll_wait_ms >= 20_000
         runner = threading.Thread(target=service.run, daemon=True)
         runner.start()
+        return service, runner
+
+    try:
+        # Polling, it sends no heartbeats: the interval reaches it in every answer,
+        # here each second (Register may still have said the configured 200 ms).
+        told, runner = worker("told", poll_wait_ms=1_000)
         deadline = time.monotonic() + 20
-        # Registered while nobody was counted: the configured 200 ms; the driver then
-        # counts one worker and every Heartbeat answer says 2 s.
-        while getattr(service, "heartbeat_s", None) != 2.0:
+        while told.heartbeat_s != 2.0:
             assert time.monotonic() < deadline, (
-                f"the worker kept {getattr(service, 'heartbeat_s', None)} s, "
+                f"the worker kept {told.heartbeat_s} s, "
                 f"the coordinator says {coordinator.driver.cadence.interval_ms} ms"
             )
             time.sleep(0.05)
+        told.shutdown()
+        runner.join(timeout=8)
+
+        service, runner = worker("lifecycle")
+        assert service.settings.poll_wait_ms >= 20_000
+        deadline = time.monotonic() + 20
         while service._poll is None:  # the long poll (20 s) is waiting: no job
             assert time.monotonic() < deadline, "the worker never polled"
             time.sleep(0.01)
