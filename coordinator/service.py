@@ -398,9 +398,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         try:
             row = profile_row(request.profile, self._adapter_bounds(task.job_id))
-            # Shapes are cached once the job has a version (versions are never deleted).
-            has_version = task.job_id in self._shape_cache
-            if has_version or self.store.latest_version(task.job_id) is not None:
+            if self.store.has_version(task.job_id):
                 # The global adapter exists: a profile of other shapes cannot train it.
                 differs = first_difference(row["tensors"], self._shapes(task.job_id))
                 if differs is not None:

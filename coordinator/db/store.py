@@ -208,6 +208,10 @@ _UPLOAD_TARGET = (
     .where(Task.id == bindparam("task_id"))
 )
 
+_ANY_VERSION = (
+    select(AdapterVersion.version).where(AdapterVersion.job_id == bindparam("job_id")).limit(1)
+)
+
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any, limit: int = 100_000) -> None:
     """Keep ``value`` in a cache of rows that never change; a full cache starts over
@@ -235,6 +239,8 @@ class Store:
         self._beats: dict[str, tuple[datetime, str, str | None]] = {}
         """Heartbeats not yet written; flushed in one statement before liveness is read."""
         self._beats_lock = threading.Lock()
+        self._with_version: set[str] = set()
+        """Jobs known to have a global adapter version (:meth:`has_version`)."""
         self._polls: dict[str, tuple[int, float]] = {}
         """Workers with a long poll open: how many, and when their last beat was recorded
         (monotonic). An open poll is the worker's heartbeat (:meth:`poll_opened`)."""
@@ -817,6 +823,20 @@ class Store:
             )
 
     # -- adapter versions and module statistics -------------------------------------------
+
+    @retrying
+    def has_version(self, job_id: str) -> bool:
+        """Whether the job has a global adapter yet: asked by every profile report, most
+        of them before the first version exists. One column read, and once true it
+        stays true (versions are never deleted), so it is remembered."""
+        if job_id in self._with_version:
+            return True
+        found = self._first(_ANY_VERSION, job_id=job_id) is not None
+        if found:
+            if len(self._with_version) >= 4096:
+                self._with_version.clear()
+            self._with_version.add(job_id)
+        return found
 
     @retrying
     def latest_version(self, job_id: str) -> AdapterVersion | None:

@@ -386,3 +386,10 @@ def test_an_open_poll_keeps_its_worker_alive_until_it_closes(store: Store) -> No
     time.sleep(0.4)
     assert store.alive_worker_ids(1.0) == set()
     assert silent not in store.alive_worker_ids(60)
+
+
+def test_a_job_has_a_version_once_one_is_committed(store: Store) -> None:
+    job_id, _ = _job_with_round(store)
+    assert not store.has_version(job_id) and not store.has_version("nope")
+    store.commit_version(job_id, version=0, round_number=0, sha256="0" * 64, byte_count=1)
+    assert store.has_version(job_id) and store.has_version(job_id)  # the second remembered
