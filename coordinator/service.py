@@ -343,9 +343,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             check.count(request.budget_bytes, "budget_bytes")
         except WireError as e:
             self._reject(context, e)
+        # Read before the worker exists: a task for it can only be created, and the epoch
+        # bumped, after this, so its first polls at this epoch need no query.
+        epoch = self.signals.task_epoch
         worker_id, token = self.store.register_worker(
             request.name, labels, device, request.budget_bytes
         )
+        self._remember_empty(worker_id, epoch)
         metrics.REGISTRATIONS.inc()
         metrics.WORKERS.set(metrics.WORKER_BUDGET, worker_id, request.budget_bytes)
         log.info("registered worker %s (%s)", request.name, worker_id)
