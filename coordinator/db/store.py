@@ -346,7 +346,7 @@ class Store:
         ``stale_after_s`` (caller holds ``_beats_lock``): one row per worker per that
         period, instead of one call per worker per heartbeat interval."""
         now, stamp = time.monotonic(), None
-        for worker_id, (count, at) in self._polls.items():
+        for worker_id, (count, at) in list(self._polls.items()):
             if now - at >= stale_after_s and worker_id not in self._beats:
                 stamp = stamp or utcnow()
                 self._beats[worker_id] = (stamp, "idle", None)

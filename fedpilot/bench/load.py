@@ -190,7 +190,7 @@ def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event)
             ready = []
             for client in list(clients):
                 # as told by its last Register, Heartbeat or PollTask answer
-                interval = clients[client] = client.heartbeat_interval_ms / 1000
+                interval = clients[client] = client.heartbeat_interval_ms / 1000 or 2.0
                 when = due.setdefault(client, now + interval)
                 if when <= now:
                     if client.heartbeat_needed:  # not while its long poll keeps it alive
