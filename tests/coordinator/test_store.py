@@ -365,6 +365,7 @@ def test_an_open_poll_keeps_its_worker_alive_until_it_closes(store: Store) -> No
     silent, _ = store.register_worker("silent", {}, {}, 1)
 
     def silence_since_long_ago() -> None:
+        store.flush_heartbeats(poll_stale_after_s=3600)  # what is buffered, without refreshing
         with store.session() as s, s.begin():
             s.execute(update(Worker).values(last_heartbeat=utcnow() - timedelta(minutes=10)))
 
