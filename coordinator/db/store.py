@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from sqlalchemy import bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -208,6 +210,23 @@ _UPLOAD_TARGET = (
     .where(Task.id == bindparam("task_id"))
 )
 
+_UPSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
+
+
+def _finish_offered(task_id: str) -> Any:
+    """Mark a task done if it is still offered (a straggler's stays as it is)."""
+    tasks = Task.__table__.c
+    return (
+        update(Task.__table__)
+        .where(tasks.id == task_id, tasks.status == "offered")
+        .values(status="done", updated_at=utcnow())
+    )
+
+
+POLL_BEAT_S = 2.0
+"""How stale a polling worker's beat may get before a read without a timeout
+(:meth:`Store.workers`) refreshes it: as often as the configured interval."""
+
 _ANY_VERSION = (
     select(AdapterVersion.version).where(AdapterVersion.job_id == bindparam("job_id")).limit(1)
 )
@@ -244,8 +263,6 @@ class Store:
         self._polls: dict[str, tuple[int, float]] = {}
         """Workers with a long poll open: how many, and when their last beat was recorded
         (monotonic). An open poll is the worker's heartbeat (:meth:`poll_opened`)."""
-        self.poll_beat_s = 2.0
-        """How stale a polling worker's beat may get before :meth:`workers` refreshes it."""
 
     @classmethod
     def open(cls, url: str, *, upgrade: bool = True) -> Store:
@@ -355,11 +372,11 @@ class Store:
     @retrying
     def flush_heartbeats(self, poll_stale_after_s: float | None = None) -> int:
         """Write the buffered heartbeats, polling workers' included (refreshed when their
-        last is older than ``poll_stale_after_s``, by default :attr:`poll_beat_s`)."""
+        last is older than ``poll_stale_after_s``, by default :data:`POLL_BEAT_S`)."""
         with self._beats_lock:
             if self._polls:
                 self._beat_polling(
-                    self.poll_beat_s if poll_stale_after_s is None else poll_stale_after_s
+                    POLL_BEAT_S if poll_stale_after_s is None else poll_stale_after_s
                 )
             beats, self._beats = self._beats, {}
         if not beats:
@@ -696,9 +713,10 @@ class Store:
         task done, in one transaction of two Core statements: every worker reports once
         a job, all in the same round, and the ORM's read, flush and update took 7% of the
         coordinator's time at 500 workers."""
-        table, tasks = Profile.__table__, Task.__table__.c
+        table = Profile.__table__
         columns = {**profile, "created_at": utcnow()}
-        insert_ = self._upsert(table).values(job_id=job_id, worker_id=worker_id, **columns)
+        upsert = _UPSERTS[self.engine.dialect.name]  # INSERT ... ON CONFLICT, both dialects
+        insert_ = upsert(table).values(job_id=job_id, worker_id=worker_id, **columns)
         insert_ = insert_.on_conflict_do_update(
             index_elements=[table.c.job_id, table.c.worker_id],
             set_={key: insert_.excluded[key] for key in columns},
@@ -706,19 +724,7 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(insert_)
             # A late profile is kept for the next round; its task stays a straggler.
-            conn.execute(
-                update(Task.__table__)
-                .where(tasks.id == task_id, tasks.status == "offered")
-                .values(status="done", updated_at=utcnow())
-            )
-
-    def _upsert(self, table: Any) -> Any:
-        """The dialect's ``INSERT`` with ``ON CONFLICT`` (PostgreSQL and SQLite alike)."""
-        if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        return dialect_insert(table)
+            conn.execute(_finish_offered(task_id))
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -753,12 +759,7 @@ class Store:
             with self.engine.begin() as conn:
                 # Finishing the task locks its row, so a round closing at this moment
                 # either sees it done or has made it a straggler, and then nothing counts.
-                finished = conn.execute(
-                    update(Task.__table__)
-                    .where(tasks.id == row.task_id, tasks.status == "offered")
-                    .values(status="done", updated_at=utcnow())
-                    .returning(tasks.id)
-                ).first()
+                finished = conn.execute(_finish_offered(row.task_id).returning(tasks.id)).first()
                 if finished is None:
                     existing = self._existing_update_id(conn, row)
                     if existing is not None:

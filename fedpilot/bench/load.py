@@ -89,10 +89,10 @@ def _worker(
     timed: _Timed,
     go: threading.Event,
     stop: threading.Event,
-    clients: dict[Any, float],
+    clients: list[Any],
     registered: list[tuple[float, float]],
 ) -> None:
-    """One simulated worker; ``clients`` gets it with the heartbeat interval it was told."""
+    """One simulated worker; ``clients`` gets its client once registered."""
     import grpc
 
     from fedpilot.bench.round import simulated_update
@@ -117,12 +117,12 @@ def _worker(
             if not client.worker_id:
                 step = "Register"
                 start = time.perf_counter()
-                reg = timed(
+                timed(
                     "Register",
                     lambda: client.register(f"load{index}", budget_bytes=budget),
                 )
                 registered.append((start, time.perf_counter()))
-                clients[client] = reg.heartbeat_interval_ms / 1000
+                clients.append(client)
             step, began = "PollTask", time.perf_counter()
             task = client.poll_task(config.poll_wait_ms)
             if task is None:
@@ -168,7 +168,12 @@ stretched the interval by the sum of their latencies, so the bench sent fewer
 heartbeats than a real fleet of its size."""
 
 
-def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event) -> None:
+def _told_interval_s(client: Any) -> float:
+    """As its last Register, Heartbeat or PollTask answer said (2 s before any)."""
+    return float(client.heartbeat_interval_ms / 1000 or 2.0)
+
+
+def _heartbeats(clients: list[Any], timed: _Timed, stop: threading.Event) -> None:
     """Every worker's heartbeat once per the interval the coordinator last told it
     (start to start, as a worker's own heartbeat thread would), a few at a time, and
     as the worker does, none while an open long poll keeps it alive."""
@@ -189,8 +194,7 @@ def _heartbeats(clients: dict[Any, float], timed: _Timed, stop: threading.Event)
             now = time.monotonic()
             ready = []
             for client in list(clients):
-                # as told by its last Register, Heartbeat or PollTask answer
-                interval = clients[client] = client.heartbeat_interval_ms / 1000 or 2.0
+                interval = _told_interval_s(client)
                 when = due.setdefault(client, now + interval)
                 if when <= now:
                     if client.heartbeat_needed:  # not while its long poll keeps it alive
@@ -204,7 +208,7 @@ def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -
     stop, go = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     timed = _Timed()
-    clients: dict[Any, float] = {}
+    clients: list[Any] = []
     registered: list[tuple[float, float]] = []
     threads = [
         threading.Thread(
@@ -231,7 +235,7 @@ def serve(address: str, first: int, count: int, config: LoadConfig, out: Path) -
                 "debug": timed.debug,
                 "failed_after": timed.failed_after,
                 "registered": registered,
-                "intervals": list(clients.values()),
+                "intervals": [_told_interval_s(client) for client in clients],
                 "clock_offset": time.time() - time.perf_counter(),
             }
         )

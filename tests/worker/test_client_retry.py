@@ -107,7 +107,7 @@ class _EarlierCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.polling.set()
         context.add_callback(self.polling.clear)
         time.sleep(request.wait_ms / 1000)
-        return coordinator_pb2.PollTaskResponse()
+        return coordinator_pb2.PollTaskResponse(heartbeat_interval_ms=4321)
 
 
 def test_a_worker_keeps_beating_while_it_polls_a_coordinator_that_does_not_count_polls(
@@ -127,3 +127,22 @@ def test_a_worker_keeps_beating_while_it_polls_a_coordinator_that_does_not_count
     while not client.heartbeat_needed and time.monotonic() < deadline:
         time.sleep(0.01)
     assert client.heartbeat_needed
+
+
+def test_a_poll_answer_tells_the_interval_and_a_cancelled_one_leaves_it(serve) -> None:
+    """A worker that sends no heartbeats while it polls hears the interval from the poll's
+    answer, through either way of polling; a poll cut short tells nothing."""
+    client = serve(_EarlierCoordinator())
+    client.register("w")
+    assert client.heartbeat_interval_ms == 0  # that Register told none
+    cancelled = client.poll_task_future(3_000)
+    cancelled.cancel()
+    assert client.heartbeat_interval_ms == 0 and client.heartbeat_needed
+    assert client.poll_task(10) is None
+    assert client.heartbeat_interval_ms == 4321
+    client.heartbeat_interval_ms = 0
+    assert client.poll_task_future(10).result().heartbeat_interval_ms == 4321
+    deadline = time.monotonic() + 5
+    while client.heartbeat_interval_ms != 4321 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.heartbeat_interval_ms == 4321
