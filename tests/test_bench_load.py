@@ -35,6 +35,7 @@ def test_bench_load_reports_every_field_with_no_errors(pg_url: str) -> None:
     assert row["rounds_closed"] == 2 and row["updates_per_round"] == [6, 6]
     assert row["no_update_counted_twice"] is True
     assert row["registrations_per_s"] > 0 and row["coordinator_peak_rss_bytes"] > 0
+    assert row["per_round"]["coordinator_cpu_s"] > 0 and row["per_round"]["cores"] >= 1
     assert 0 < row["rpc_p50_ms"] <= row["rpc_p99_ms"]
     # Every run registers, profiles, downloads and uploads; a heartbeat only when the
     # run outlasts the 2 s interval, which two rounds of six workers need not.
@@ -76,3 +77,34 @@ def test_resent_calls_are_read_from_the_coordinators_metrics(tmp_path) -> None:
         assert _resent_calls("") == {}
     finally:
         running.stop(grace=0.2)
+
+
+def test_cpu_sampler_charges_a_round_to_whoever_used_the_cpu() -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from fedpilot.bench.load import CpuSampler, round_cpu
+
+    # This process stands in for the coordinator, a busy child for the fleet.
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        sampler = CpuSampler(os.getpid(), [child.pid], period_s=0.02).start()
+        time.sleep(0.1)  # a sample before the window
+        start = time.time()
+        spin = time.process_time() + 0.3
+        while time.process_time() < spin:
+            pass
+        end = time.time()
+        sampler.stop()
+    finally:
+        child.kill()
+        child.wait()
+    used = sampler.between(start, end)
+    assert 0.25 <= used["coordinator"] <= 0.6  # the window and a period each side
+    assert used["fleet"] >= 0.1 and used["machine"] >= used["coordinator"]
+    summary = round_cpu(sampler, [(start, end), (end + 60, end + 61)])  # one window empty
+    assert summary["coordinator_cpu_s"] == pytest.approx(used["coordinator"], abs=0.01)
+    assert 0 < summary["machine_busy_share"] <= 1.05
+    assert round_cpu(sampler, [(end + 60, end + 61)]) == {}

@@ -250,11 +250,99 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy_s() -> float:
+    """CPU-seconds every core of the machine has spent not idle since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle and iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """Samples, every ``period_s``, the CPU-seconds used so far by the coordinator, by
+    the simulated fleet and by the whole machine, so a round's CPU can be read off
+    between its start and its close: what it cost, and (the machine's busy share) how
+    much idle CPU a faster coordinator could have used on these cores."""
+
+    def __init__(self, coordinator: int, fleet: list[int], period_s: float = 0.1) -> None:
+        self.coordinator, self.fleet, self.period_s = coordinator, fleet, period_s
+        self.samples: list[tuple[float, float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def start(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _sample(self) -> None:
+        fleet = 0.0
+        for pid in self.fleet:
+            with contextlib.suppress(OSError, IndexError):
+                fleet += _cpu_seconds(pid)
+        self.samples.append((time.time(), _cpu_seconds(self.coordinator), fleet, _machine_busy_s()))
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.wait(self.period_s) if self.samples else False
+            with contextlib.suppress(OSError, IndexError):
+                self._sample()  # once more on stop: the last window ends inside
+            if stopping:
+                return
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU-seconds used from ``start`` to ``end`` (wall-clock seconds since the epoch),
+        read at the samples that enclose the window (a period more at most); empty if the
+        sampler did not run across it."""
+        before = [s for s in self.samples if s[0] <= start]
+        after = [s for s in self.samples if s[0] >= end]
+        if not before or not after:
+            return {}
+        first, last = before[-1], after[0]
+        return {
+            "coordinator": last[1] - first[1],
+            "fleet": last[2] - first[2],
+            "machine": last[3] - first[3],
+            "span_s": last[0] - first[0],
+        }
+
+
+def round_cpu(sampler: CpuSampler, windows: list[tuple[float, float]]) -> dict[str, Any]:
+    """Mean CPU-seconds per round by who used them, and the machine's busy share: near 1
+    the round was bounded by these cores, not by waiting."""
+    per = [sampler.between(s, e) for s, e in windows]
+    per = [p for p in per if p and p["span_s"] > 0]
+    if not per:
+        return {}
+    cores = os.cpu_count() or 1
+    mean = {k: float(np.mean([p[k] for p in per])) for k in ("coordinator", "fleet", "machine")}
+    busy = float(np.mean([p["machine"] / (p["span_s"] * cores) for p in per]))
+    return {
+        "coordinator_cpu_s": round(mean["coordinator"], 2),
+        "fleet_cpu_s": round(mean["fleet"], 2),
+        "machine_cpu_s": round(mean["machine"], 2),
+        "machine_busy_share": round(busy, 3),
+        "cores": cores,
+    }
+
+
 def _hwm(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _epoch(when: Any) -> float:
+    """A stored timestamp (naive ones are UTC) as seconds since the epoch."""
+    import datetime as dt
+
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return float(when.timestamp())
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -301,6 +389,7 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
         cluster = LocalCluster(work / "cluster", db_url=db_url, log_level="warning", env=sized)
         procs: list[subprocess.Popen[bytes]] = []
         outputs: list[Path] = []
+        sampler = CpuSampler(0, [])
         try:
             address = cluster.start_coordinator(evaluate=False)
             pid = cluster.processes["coordinator"].pid
@@ -330,6 +419,7 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
                 time.sleep(0.05)
             store = cluster.store
             cpu_before = _cpu_seconds(pid)
+            sampler = CpuSampler(pid, [p.pid for p in procs]).start()
             (work / "go").touch()
             while len(store.alive_workers(30)) < workers:
                 if time.monotonic() > deadline:
@@ -366,6 +456,7 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
             updates = [len(store.updates(job_id, r.number)) for r in rounds]
             duplicates_ok = all(n <= workers for n in updates)
         finally:
+            sampler.stop()
             for p in procs:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGTERM)
@@ -400,6 +491,9 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
     closes = [
         (r.closed_at - r.started_at).total_seconds() for r in rounds if r.closed_at is not None
     ]
+    windows = [
+        (_epoch(r.started_at), _epoch(r.closed_at)) for r in rounds if r.closed_at is not None
+    ]
     if job.state != "done":
         errors.append(f"job ended {job.state}: {job.error}")
     if len(results) < len(procs):
@@ -413,6 +507,7 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
         "rpc_p99_ms": round(_percentile(every, 99) * 1000, 2),
         "coordinator_peak_rss_bytes": peak,
         "coordinator_cpu_s": round(cpu, 2),
+        "per_round": round_cpu(sampler, windows),
         "errors": len(errors),
         "rounds_closed": len(closes),
         "updates_per_round": updates,
