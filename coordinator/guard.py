@@ -17,11 +17,13 @@ unexpected exceptions.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -104,65 +106,66 @@ class InFlight:
 class Watched(NamedTuple):
     touch: Callable[[], None]
     done: Callable[[], None]
+    idle: Callable[[], bool]
 
 
 class IdleWatch:
-    """Cancels streams that made no progress for ``timeout_s`` (one thread for all)."""
+    """Cancels streams that made no progress for ``timeout_s`` (one sweep on the event
+    loop for all of them, started with the first stream)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self._streams: dict[int, tuple[list[float], grpc.ServicerContext, str]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._streams: dict[int, tuple[list[float], asyncio.Task[Any], str]] = {}
+        self._sweep: asyncio.Task[None] | None = None
 
     @contextmanager
-    def watching(self, context: grpc.ServicerContext, method: str) -> Iterator[Watched]:
+    def watching(self, method: str) -> Iterator[Watched]:
         """Yields a handle: ``touch()`` whenever the stream makes progress, ``done()`` once
-        the peer has nothing more to send (the server's own work is not idleness)."""
-        seen = [time.monotonic()]
+        the peer has nothing more to send (the server's own work is not idleness), and
+        ``idle()``: whether this watch cancelled the calling task."""
+        seen = [time.monotonic(), 0.0]
         key = id(seen)
-        with self._lock:
-            self._streams[key] = (seen, context, method)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="idle-watch", daemon=True)
-                self._thread.start()
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams[key] = (seen, task, method)
+        if self._sweep is None or self._sweep.done():
+            self._sweep = asyncio.ensure_future(self._run())
 
         def touch() -> None:
             seen[0] = time.monotonic()
 
         def done() -> None:
-            with self._lock:
-                self._streams.pop(key, None)
+            self._streams.pop(key, None)
 
         try:
-            yield Watched(touch, done)
+            yield Watched(touch, done, lambda: seen[1] > 0)
         finally:
             done()
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout_s / 4))
+    async def _run(self) -> None:
+        while self._streams:
+            await asyncio.sleep(min(1.0, self.timeout_s / 4))
             now = time.monotonic()
-            with self._lock:
-                idle = [
-                    (key, context, method)
-                    for key, (seen, context, method) in self._streams.items()
-                    if now - seen[0] > self.timeout_s
-                ]
-                for key, _, _ in idle:
-                    self._streams.pop(key, None)
-            for _, context, method in idle:
-                metrics.REJECTIONS.labels(reason="stream_idle").inc()
-                log.info("cancelled %s: no progress for %.0f s", method, self.timeout_s)
-                context.cancel()
+            for key, (seen, task, method) in list(self._streams.items()):
+                if now - seen[0] > self.timeout_s:
+                    del self._streams[key]
+                    seen[1] = now
+                    metrics.REJECTIONS.labels(reason="stream_idle").inc()
+                    log.info("cancelled %s: no progress for %.0f s", method, self.timeout_s)
+                    task.cancel()
 
 
 class Guard:
-    """Wraps the generated method handlers (see module docstring)."""
+    """Wraps the generated method handlers (see module docstring). Every handler and the
+    ``reject`` it is given are coroutines of a ``grpc.aio`` server."""
 
-    def __init__(self, store: Store, settings: CoordinatorSettings, reject: Reject) -> None:
+    def __init__(
+        self, store: Store, settings: CoordinatorSettings, reject: Reject, blocking: Executor
+    ) -> None:
+        """``blocking``: the threads that run what would stall the event loop (a query)."""
         self.store = store
         self.reject = reject
+        self.blocking = blocking
         self.in_flight = InFlight(settings.max_rpcs_per_worker)
         self.idle = IdleWatch(settings.stream_idle_timeout_s)
 
@@ -178,15 +181,20 @@ class Guard:
 
     # -- the pieces ----------------------------------------------------------------------
 
-    def _admit(self, method: str, context: grpc.ServicerContext) -> str | None:
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
         """Authenticate (all but Register) and take a slot; the worker id, or None."""
         if is_resent(context):
             metrics.RESENT_CALLS.labels(method=method).inc()
         if method in UNAUTHENTICATED_METHODS:
             return None
-        worker: Worker | None = self.store.worker_by_token(bearer_token(context))
+        token = bearer_token(context)
+        worker: Worker | None = self.store.known_token(token)
+        if worker is None:  # not remembered: one query, off the event loop
+            worker = await asyncio.get_running_loop().run_in_executor(
+                self.blocking, self.store.worker_by_token, token
+            )
         if worker is None:
-            self.reject(
+            await self.reject(
                 context,
                 WireError(
                     errors_pb2.ERROR_REASON_BAD_TOKEN,
@@ -196,7 +204,7 @@ class Guard:
             )
             raise AssertionError("unreachable: abort raises")
         if not self.in_flight.enter(worker.id):
-            self.reject(
+            await self.reject(
                 context,
                 WireError(
                     errors_pb2.ERROR_REASON_RATE_LIMITED,
@@ -208,9 +216,11 @@ class Guard:
             )
         return str(worker.id)
 
-    def _malformed(self, method: str, context: grpc.ServicerContext, request: _Malformed) -> None:
+    async def _malformed(
+        self, method: str, context: grpc.aio.ServicerContext, request: _Malformed
+    ) -> None:
         log.info("rejected %s: %d bytes that are not a valid request message", method, request.size)
-        self.reject(
+        await self.reject(
             context,
             WireError(
                 errors_pb2.ERROR_REASON_MALFORMED,
@@ -219,16 +229,18 @@ class Guard:
             ),
         )
 
-    def _failed(self, method: str, context: grpc.ServicerContext, error: Exception) -> None:
+    async def _failed(
+        self, method: str, context: grpc.aio.ServicerContext, error: BaseException
+    ) -> None:
         """Turn an exception into the caller's answer (re-raises what gRPC handles itself)."""
-        if context.code() is not None or isinstance(error, grpc.RpcError):
+        if isinstance(error, grpc.aio.AbortError | grpc.RpcError) or context.done():
             raise error  # already aborted with a status, or the caller went away
         if isinstance(error, WireError):
-            self.reject(context, error)
+            await self.reject(context, error)
         error_id = uuid.uuid4().hex[:12]
         log.error("internal error %s in %s", error_id, method, exc_info=error)
         metrics.INTERNAL_ERRORS.labels(method=method).inc()
-        context.abort_with_status(
+        await context.abort_with_status(
             rich_status(
                 WireError(
                     errors_pb2.ERROR_REASON_INTERNAL,
@@ -237,18 +249,30 @@ class Guard:
             )
         )
 
+    async def _cancelled(
+        self, method: str, context: grpc.aio.ServicerContext, watch: Watched
+    ) -> None:
+        """After a cancellation: the idle watch's ends the call as CANCELLED with a
+        reason; any other (the server stopping, the caller gone) goes on."""
+        if not watch.idle():
+            raise asyncio.CancelledError
+        await context.abort(
+            grpc.StatusCode.CANCELLED,
+            f"{method}: no progress for {self.idle.timeout_s:g} s (stream_idle_timeout_s)",
+        )
+
     # -- per handler kind ----------------------------------------------------------------
 
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             worker_id = None
             try:
                 if isinstance(request, _Malformed):
-                    self._malformed(method, context, request)
-                worker_id = self._admit(method, context)
-                return behavior(request, context)
+                    await self._malformed(method, context, request)
+                worker_id = await self._admit(method, context)
+                return await behavior(request, context)
             except Exception as e:
-                self._failed(method, context, e)
+                await self._failed(method, context, e)
             finally:
                 if worker_id is not None:
                     self.in_flight.leave(worker_id)
@@ -256,18 +280,21 @@ class Guard:
         return run
 
     def _unary_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             worker_id = None
             try:
                 if isinstance(request, _Malformed):
-                    self._malformed(method, context, request)
-                worker_id = self._admit(method, context)
-                with self.idle.watching(context, method) as watch:
-                    for response in behavior(request, context):
-                        yield response
-                        watch.touch()
+                    await self._malformed(method, context, request)
+                worker_id = await self._admit(method, context)
+                with self.idle.watching(method) as watch:
+                    try:
+                        async for response in behavior(request, context):
+                            yield response
+                            watch.touch()
+                    except asyncio.CancelledError:
+                        await self._cancelled(method, context, watch)
             except Exception as e:
-                self._failed(method, context, e)
+                await self._failed(method, context, e)
             finally:
                 if worker_id is not None:
                     self.in_flight.leave(worker_id)
@@ -275,14 +302,14 @@ class Guard:
         return run
 
     def _stream_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        async def run(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             worker_id = None
             try:
-                worker_id = self._admit(method, context)
-                with self.idle.watching(context, method) as watch:
+                worker_id = await self._admit(method, context)
+                with self.idle.watching(method) as watch:
 
-                    def checked() -> Iterator[Any]:
-                        for request in requests:
+                    async def checked() -> AsyncIterator[Any]:
+                        async for request in requests:
                             watch.touch()
                             if isinstance(request, _Malformed):
                                 raise WireError(
@@ -292,9 +319,12 @@ class Guard:
                             yield request
                         watch.done()  # verifying and storing may take long: not idleness
 
-                    return behavior(checked(), context)
+                    try:
+                        return await behavior(checked(), context)
+                    except asyncio.CancelledError:
+                        await self._cancelled(method, context, watch)
             except Exception as e:
-                self._failed(method, context, e)
+                await self._failed(method, context, e)
             finally:
                 if worker_id is not None:
                     self.in_flight.leave(worker_id)

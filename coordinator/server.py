@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from concurrent import futures
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -38,14 +40,40 @@ ORPHAN_AGE_S = 300.0
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
+T = TypeVar("T")
+
+
+class GrpcLoop:
+    """The event loop every ``grpc.aio`` server of this process runs on, in a thread of its
+    own, so :func:`start` stays a plain call beside the driver's and the HTTP API's threads.
+    One loop for the process: gRPC's asyncio integration binds to the first loop it sees,
+    and tests start many coordinators in one process."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def run(cls, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result (from any other thread)."""
+        with cls._lock:
+            if cls._loop is None:
+                cls._loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=cls._loop.run_forever, name="grpc-loop", daemon=True
+                ).start()
+            loop = cls._loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
 @dataclass
 class RunningCoordinator:
     store: Store
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     driver: RoundDriver
     stop_event: threading.Event
     thread: threading.Thread
+    service: CoordinatorService
     http: HttpServer | None = None
 
     @property
@@ -56,7 +84,8 @@ class RunningCoordinator:
         self.stop_event.set()
         if self.http is not None:
             self.http.stop()
-        self.server.stop(grace).wait()
+        GrpcLoop.run(self.server.stop(grace))
+        self.service.blocking.shutdown(wait=True)  # what cancelled calls left to clean up
         self.thread.join(timeout=10)
         self.store.engine.dispose()
 
@@ -72,39 +101,9 @@ def start(
     if swept:
         log.info("removed %d blobs no row referenced", swept)
     signals = Signals()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
-            ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
-            ("grpc.max_metadata_size", 16 * 1024),
-            ("grpc.server_max_unrequested_time_in_server", settings.grpc_unaccepted_timeout_s),
-        ],
-        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-    )
     cadence = HeartbeatCadence.from_settings(settings)
-    _add_servicer(CoordinatorService(store, blobs, settings, signals, cadence), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    address = f"{settings.grpc_host}:{settings.grpc_port}"
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        credentials = server_credentials(
-            settings.tls_cert, settings.tls_key, settings.tls_client_ca
-        )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    service = CoordinatorService(store, blobs, settings, signals, cadence)
+    server, port = GrpcLoop.run(_serve(settings, service))
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, addr=settings.grpc_host)
     driver = RoundDriver(store, blobs, settings, signals, cadence, evaluator)
@@ -123,7 +122,47 @@ def start(
         else ("TLS" if settings.tls_cert else "plaintext: use TLS beyond a trusted network"),
         store.engine.url.render_as_string(hide_password=True),
     )
-    return RunningCoordinator(store, server, port, driver, stop_event, thread, http)
+    return RunningCoordinator(store, server, port, driver, stop_event, thread, service, http)
+
+
+async def _serve(
+    settings: CoordinatorSettings, service: CoordinatorService
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server, started on :class:`GrpcLoop`: each call a coroutine, so a waiting
+    long poll or a slow stream holds no thread (docs/scaling.md: at 500 workers the
+    thread-per-call server spent half its CPU in the kernel handing the GIL around)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 64 * 1024),
+            ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 64 * 1024),
+            ("grpc.max_metadata_size", 16 * 1024),
+            ("grpc.server_max_unrequested_time_in_server", settings.grpc_unaccepted_timeout_s),
+        ],
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+    )
+    _add_servicer(service, server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
 
 
 def http_bind_host(settings: CoordinatorSettings) -> str:
@@ -204,12 +243,12 @@ class _HandlerCapture:
         self.handlers = dict(handlers)
 
 
-def _add_servicer(servicer: CoordinatorService, server: grpc.Server) -> None:
+def _add_servicer(servicer: CoordinatorService, server: grpc.aio.Server) -> None:
     """Register the servicer behind the guard (parsing, authentication, concurrency, idle
     streams, internal errors: see ``guard.py``)."""
     capture = _HandlerCapture()
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, capture)
-    guard = Guard(servicer.store, servicer.settings, servicer._reject)
+    guard = Guard(servicer.store, servicer.settings, servicer._reject, servicer.blocking)
     handlers = {name: guard.wrap(name, handler) for name, handler in capture.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

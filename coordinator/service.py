@@ -10,12 +10,15 @@ are committed.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import logging
-import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import grpc
 
@@ -28,14 +31,15 @@ from fedpilot.coordinator.adapter_shapes import (
     model_max_dim,
 )
 from fedpilot.coordinator.cadence import HeartbeatCadence, wave_delay
-from fedpilot.coordinator.db.blobs import BlobStore
-from fedpilot.coordinator.db.models import Update, Worker
+from fedpilot.coordinator.db.blobs import BlobStore, BlobWriter
+from fedpilot.coordinator.db.models import AdapterVersion, Update, Worker
 from fedpilot.coordinator.db.store import (
     AuthError,
     Store,
     TaskClosed,
     TaskOffer,
     TaskState,
+    UpdateRecord,
     UploadTarget,
 )
 from fedpilot.coordinator.guard import bearer_token
@@ -64,6 +68,7 @@ from fedpilot.wire.payload import (
 from fedpilot.wire.serde import memory_from_proto
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _STATES = {
     coordinator_pb2.WORKER_STATE_IDLE: "idle",
@@ -192,39 +197,51 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._specs: dict[str, JobSpec] = {}
         self._empty_polls: dict[str, tuple[int, float]] = {}
         """Per worker, the task epoch and time of its last poll that found no task."""
-        self._poll_queries = threading.BoundedSemaphore(POLL_QUERY_SLOTS)
+        self._poll_queries = asyncio.Semaphore(POLL_QUERY_SLOTS)
+        self.blocking = ThreadPoolExecutor(settings.grpc_threads, thread_name_prefix="blocking")
+        """Runs what would stall the event loop: queries, blob reads, checks of uploads."""
         metrics.WORKERS.limit = settings.metrics_max_workers
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _reject(
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the blocking threads (see :func:`run_blocking`)."""
+        return await run_blocking(self.blocking, fn, *args)
+
+    async def _reject(
         self,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         error: WireError,
         *,
         job_id: str | None = None,
         round_number: int | None = None,
         worker_id: str | None = None,
-    ) -> Any:
+    ) -> NoReturn:
         metrics.REJECTIONS.labels(reason=error.reason_name).inc()
         try:
-            self.store.record_rejection(
-                error.reason_name,
-                error.message,
-                job_id=job_id,
-                round_number=round_number,
-                worker_id=worker_id,
+            await self._blocking(
+                functools.partial(
+                    self.store.record_rejection,
+                    error.reason_name,
+                    error.message,
+                    job_id=job_id,
+                    round_number=round_number,
+                    worker_id=worker_id,
+                )
             )
         except Exception:  # the caller must still get its answer
             log.exception("could not record a rejection")
         log.info("rejected %s: %s", error.reason_name, error.message)
-        context.abort_with_status(rich_status(error))
+        await context.abort_with_status(rich_status(error))
+        raise AssertionError("unreachable: abort raises")
 
-    def _worker(self, context: grpc.ServicerContext, worker_id: str) -> Worker:
+    async def _worker(self, context: grpc.aio.ServicerContext, worker_id: str) -> Worker:
+        token = bearer_token(context)
         try:
-            return self.store.authenticate(worker_id, bearer_token(context))
+            known = self.store.known_worker(worker_id, token)
+            return known or await self._blocking(self.store.authenticate, worker_id, token)
         except AuthError:
-            self._reject(
+            await self._reject(
                 context,
                 _error(
                     errors_pb2.ERROR_REASON_BAD_TOKEN,
@@ -233,12 +250,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 ),
                 worker_id=None,
             )
-            raise  # unreachable: abort raises
 
-    def _own_task(self, context: grpc.ServicerContext, worker: Worker, task_id: str) -> TaskState:
-        task = self.store.task_state(task_id)
+    async def _own_task(
+        self, context: grpc.aio.ServicerContext, worker: Worker, task_id: str
+    ) -> TaskState:
+        task = await self._blocking(self.store.task_state, task_id)
         if task is None or task.worker_id != worker.id:
-            self._reject(
+            await self._reject(
                 context,
                 _error(
                     errors_pb2.ERROR_REASON_NOT_ASSIGNED,
@@ -301,11 +319,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     # -- RPCs --------------------------------------------------------------------------------
 
-    def Register(
-        self, request: coordinator_pb2.RegisterRequest, context: grpc.ServicerContext
+    async def Register(
+        self, request: coordinator_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.RegisterResponse:
         if not self.registrations.take():
-            self._reject(
+            await self._reject(
                 context,
                 _error(
                     errors_pb2.ERROR_REASON_RATE_LIMITED,
@@ -316,7 +334,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         secret = self.settings.enrollment_secret.get_secret_value()
         if secret and not hmac.compare_digest(secret, request.enrollment_secret):
-            self._reject(
+            await self._reject(
                 context,
                 _error(
                     errors_pb2.ERROR_REASON_ENROLLMENT_REFUSED,
@@ -342,12 +360,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             check.count(request.device.free_memory_bytes, "device.free_memory_bytes")
             check.count(request.budget_bytes, "budget_bytes")
         except WireError as e:
-            self._reject(context, e)
+            await self._reject(context, e)
         # Read before the worker exists: a task for it can only be created, and the epoch
         # bumped, after this, so its first polls at this epoch need no query.
         epoch = self.signals.task_epoch
-        worker_id, token = self.store.register_worker(
-            request.name, labels, device, request.budget_bytes
+        worker_id, token = await self._blocking(
+            self.store.register_worker, request.name, labels, device, request.budget_bytes
         )
         self._remember_empty(worker_id, epoch)
         metrics.REGISTRATIONS.inc()
@@ -360,18 +378,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             poll_keeps_alive=True,
         )
 
-    def Heartbeat(
-        self, request: coordinator_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    async def Heartbeat(
+        self, request: coordinator_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.HeartbeatResponse:
-        worker = self._worker(context, request.worker_id)
+        worker = await self._worker(context, request.worker_id)
         try:
             check.ident(request.task_id, "task_id", required=False)
         except WireError as e:
-            self._reject(context, e, worker_id=worker.id)
+            await self._reject(context, e, worker_id=worker.id)
         self.store.heartbeat(worker.id, _STATES.get(request.state, "idle"), request.task_id)
         abandon = False
         if request.task_id:
-            task = self.store.task_state(request.task_id)
+            task = await self._blocking(self.store.task_state, request.task_id)
             abandon = task is None or task.worker_id != worker.id or task.status != "offered"
         return coordinator_pb2.HeartbeatResponse(
             heartbeat_interval_ms=self.cadence.interval_ms,
@@ -379,18 +397,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             poll_keeps_alive=True,
         )
 
-    def ReportProfile(
-        self, request: coordinator_pb2.ReportProfileRequest, context: grpc.ServicerContext
+    async def ReportProfile(
+        self, request: coordinator_pb2.ReportProfileRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.ReportProfileResponse:
-        worker = self._worker(context, request.worker_id)
-        task = self._own_task(context, worker, request.task_id)
+        worker = await self._worker(context, request.worker_id)
+        task = await self._own_task(context, worker, request.task_id)
         late = task.status == "straggler"  # kept: the next round need not profile again
         if (
             task.kind != "profile"
             or task.job_id != request.job_id
             or not (task.status == "offered" or late)
         ):
-            self._reject(
+            await self._reject(
                 context,
                 _error(
                     errors_pb2.ERROR_REASON_NOT_ASSIGNED,
@@ -401,52 +419,68 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 worker_id=worker.id,
             )
         try:
-            row = profile_row(request.profile, self._adapter_bounds(task.job_id))
-            if self.store.has_version(task.job_id):
-                # The global adapter exists: a profile of other shapes cannot train it.
-                differs = first_difference(row["tensors"], self._shapes(task.job_id))
-                if differs is not None:
-                    raise _error(
-                        errors_pb2.ERROR_REASON_SHAPE_MISMATCH,
-                        f"profile disagrees with the job's global adapter: {differs}",
-                        "profile.tensors",
-                    )
+            await self._blocking(self._store_profile, request.profile, task, worker.id)
         except WireError as e:
-            self._reject(
+            await self._reject(
                 context, e, job_id=task.job_id, round_number=task.round, worker_id=worker.id
             )
-        self.store.finish_profile_task(task.id, task.job_id, worker.id, row)
         return coordinator_pb2.ReportProfileResponse()
 
-    def PollTask(
-        self, request: coordinator_pb2.PollTaskRequest, context: grpc.ServicerContext
+    def _store_profile(
+        self, profile: profile_pb2.MemoryProfile, task: TaskState, worker_id: str
+    ) -> None:
+        """Check a reported profile against the job and store it (blocking: it may read the
+        job, its model's config and its global adapter, and it writes)."""
+        row = self._checked_profile(profile, task.job_id)
+        self.store.finish_profile_task(task.id, task.job_id, worker_id, row)
+
+    def _checked_profile(self, profile: profile_pb2.MemoryProfile, job_id: str) -> dict[str, Any]:
+        """The stored form of a reported profile that fits the job."""
+        row = profile_row(profile, self._adapter_bounds(job_id))
+        if self.store.has_version(job_id):
+            # The global adapter exists: a profile of other shapes cannot train it.
+            differs = first_difference(row["tensors"], self._shapes(job_id))
+            if differs is not None:
+                raise _error(
+                    errors_pb2.ERROR_REASON_SHAPE_MISMATCH,
+                    f"profile disagrees with the job's global adapter: {differs}",
+                    "profile.tensors",
+                )
+        return row
+
+    async def PollTask(
+        self, request: coordinator_pb2.PollTaskRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.PollTaskResponse:
-        worker = self._worker(context, request.worker_id)
+        worker = await self._worker(context, request.worker_id)
         self.store.poll_opened(worker.id)  # the open poll is its heartbeat
         try:
-            reply = self._poll(worker, request, context)
+            reply = await self._poll(worker, request, context)
         finally:
             self.store.poll_closed(worker.id)
         reply.heartbeat_interval_ms = self.cadence.interval_ms
         return reply
 
-    def _poll(
+    async def _poll(
         self,
         worker: Worker,
         request: coordinator_pb2.PollTaskRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
     ) -> coordinator_pb2.PollTaskResponse:
         deadline = time.monotonic() + min(request.wait_ms, self.settings.max_poll_wait_ms) / 1000
-        # Set by new tasks and by the call's end (the client went away), so a waiting
-        # poll needs no timer to notice either.
-        wake = threading.Event()
-        context.add_callback(wake.set)
+        # Set by new tasks and by the call's end (the client went away): a waiting poll is
+        # a coroutine that one of those or its own timer wakes; it holds no thread.
+        wake, ended = asyncio.Event(), asyncio.Event()
+
+        def end(_: object) -> None:
+            ended.set()
+            wake.set()
+
+        context.add_done_callback(end)
         epoch = self.signals.task_epoch
         while True:
             if not self._known_empty(worker.id, epoch):
-                with self._poll_queries:
-                    task = self.store.offered_task(worker.id)
-                    message = self._task_message(task) if task is not None else None
+                async with self._poll_queries:
+                    message = await self._blocking(self._offered_message, worker.id)
                 if message is not None:
                     self._empty_polls.pop(worker.id, None)
                     return coordinator_pb2.PollTaskResponse(task=message)
@@ -457,16 +491,21 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             while epoch == seen:
                 remaining = deadline - time.monotonic()
                 wake.clear()  # before the check: an end from here on sets it again
-                if remaining <= 0 or not context.is_active():
+                if remaining <= 0 or ended.is_set():
                     return coordinator_pb2.PollTaskResponse()
-                epoch = self.signals.wait_for_tasks(seen, remaining, wake)
+                epoch = await self.signals.tasks_after(seen, remaining, wake)
             # Woken with every other waiting poll: answer in a wave, not all at once.
             delay = wave_delay(self.signals.woken, self.settings.task_wave_per_s)
             delay = min(delay, deadline - time.monotonic())
             if delay > 0:
                 wake.clear()  # from here on only the call's end sets it
-                if wake.wait(delay) or not context.is_active():
-                    return coordinator_pb2.PollTaskResponse()
+                await _wait(wake, delay)
+            if ended.is_set():
+                return coordinator_pb2.PollTaskResponse()
+
+    def _offered_message(self, worker_id: str) -> coordinator_pb2.Task | None:
+        task = self.store.offered_task(worker_id)
+        return self._task_message(task) if task is not None else None
 
     def _known_empty(self, worker_id: str, epoch: int) -> bool:
         """Whether this worker's last poll found no task at the same task epoch, recently.
@@ -504,32 +543,34 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             deadline_unix_ms=deadline_ms,
         )
 
-    def RefuseTask(
-        self, request: coordinator_pb2.RefuseTaskRequest, context: grpc.ServicerContext
+    async def RefuseTask(
+        self, request: coordinator_pb2.RefuseTaskRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.RefuseTaskResponse:
-        worker = self._worker(context, request.worker_id)
-        task = self._own_task(context, worker, request.task_id)
+        worker = await self._worker(context, request.worker_id)
+        task = await self._own_task(context, worker, request.task_id)
         reason = _reason_name(request.reason.reason)
         message = request.reason.message[:2000].replace("\x00", "")
         if task.status == "offered":
-            self.store.set_task_status(task.id, "refused", f"{reason}: {message}")
-            self.store.record_rejection(
-                f"refused:{reason}",
-                message,
-                job_id=task.job_id,
-                round_number=task.round,
-                worker_id=worker.id,
-            )
+            await self._blocking(self._refuse, task, worker.id, reason, message)
         return coordinator_pb2.RefuseTaskResponse()
 
-    def DownloadAdapter(
-        self, request: coordinator_pb2.DownloadAdapterRequest, context: grpc.ServicerContext
-    ) -> Iterator[transfer_pb2.AdapterChunk]:
-        worker = self._worker(context, request.worker_id)
-        version = self.store.version(request.job_id, request.version)
-        spec = self._spec(request.job_id) if version is not None else None
-        if version is None or spec is None:
-            self._reject(
+    def _refuse(self, task: TaskState, worker_id: str, reason: str, message: str) -> None:
+        self.store.set_task_status(task.id, "refused", f"{reason}: {message}")
+        self.store.record_rejection(
+            f"refused:{reason}",
+            message,
+            job_id=task.job_id,
+            round_number=task.round,
+            worker_id=worker_id,
+        )
+
+    async def DownloadAdapter(
+        self, request: coordinator_pb2.DownloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[transfer_pb2.AdapterChunk]:
+        worker = await self._worker(context, request.worker_id)
+        found = await self._blocking(self._version_to_send, request.job_id, request.version)
+        if found is None:
+            await self._reject(
                 context,
                 _error(
                     errors_pb2.ERROR_REASON_UNKNOWN_ADAPTER_VERSION,
@@ -539,7 +580,38 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 job_id=request.job_id,
                 worker_id=worker.id,
             )
-        assert version is not None and spec is not None
+        version, spec, payload, blob = found
+        with blob:
+            yield transfer_pb2.AdapterChunk(
+                manifest=transfer_pb2.AdapterManifest(
+                    job_id=version.job_id,
+                    version=version.version,
+                    payload=payload,
+                    lora_rank=spec.lora.rank,
+                    lora_alpha=spec.lora.alpha,
+                    target_modules=spec.lora.target_modules,
+                )
+            )
+            sent = 0
+            while sent < payload.total_bytes:
+                # The first chunk was read with the version; the rest off the loop.
+                chunk = blob.first or await self._blocking(blob.file.read, MAX_CHUNK_BYTES)
+                blob.first = b""
+                if not chunk:
+                    raise RuntimeError(f"blob {version.sha256} ended after {sent} bytes")
+                yield transfer_pb2.AdapterChunk(data=chunk)
+                sent += len(chunk)
+                metrics.BYTES_OUT.inc(len(chunk))
+
+    def _version_to_send(
+        self, job_id: str, number: int
+    ) -> tuple[AdapterVersion, JobSpec, transfer_pb2.PayloadManifest, _OpenBlob] | None:
+        """A stored version, its job's spec, its payload's manifest and its blob opened with
+        the first chunk read (a small adapter's download needs nothing else), or None."""
+        version = self.store.version(job_id, number)
+        spec = self._spec(job_id) if version is not None else None
+        if version is None or spec is None:
+            return None
         payload = self._manifests.get(version.sha256)
         if payload is None:  # a version never changes: describe it once, not per download
             with self.blobs.mapped(version.sha256) as data:
@@ -547,30 +619,22 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             if len(self._manifests) >= 64:
                 self._manifests.clear()
             self._manifests[version.sha256] = payload
-        yield transfer_pb2.AdapterChunk(
-            manifest=transfer_pb2.AdapterManifest(
-                job_id=version.job_id,
-                version=version.version,
-                payload=payload,
-                lora_rank=spec.lora.rank,
-                lora_alpha=spec.lora.alpha,
-                target_modules=spec.lora.target_modules,
-            )
-        )
-        for chunk in self.blobs.iter_chunks(version.sha256, MAX_CHUNK_BYTES):
-            yield transfer_pb2.AdapterChunk(data=chunk)
-            metrics.BYTES_OUT.inc(len(chunk))
+        file = self.blobs.path(version.sha256).open("rb")
+        return version, spec, payload, _OpenBlob(file, file.read(MAX_CHUNK_BYTES))
 
-    def UploadUpdate(
+    async def UploadUpdate(
         self,
-        request_iterator: Iterator[transfer_pb2.UploadUpdateRequest],
-        context: grpc.ServicerContext,
+        request_iterator: AsyncIterator[transfer_pb2.UploadUpdateRequest],
+        context: grpc.aio.ServicerContext,
     ) -> coordinator_pb2.UploadUpdateResponse:
         # Who is calling is known from the metadata before any message is read.
-        caller = self.store.worker_by_token(bearer_token(context))
-        first = next(request_iterator, None)
+        token = bearer_token(context)
+        caller = self.store.known_token(token) or await self._blocking(
+            self.store.worker_by_token, token
+        )
+        first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "manifest":
-            self._reject(
+            await self._reject(
                 context,
                 _error(
                     errors_pb2.ERROR_REASON_MALFORMED,
@@ -579,32 +643,33 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 ),
                 worker_id=caller.id if caller else None,
             )
-        assert first is not None
         m = first.manifest
-        worker = self._worker(context, m.worker_id)
+        worker = await self._worker(context, m.worker_id)
         where = {"job_id": m.job_id or None, "round_number": m.round, "worker_id": worker.id}
         try:
             _check_update_fields(m, self.settings.max_profile_modules)
-            task = self._upload_task(worker, m)
+            task = await self._blocking(self._upload_target, worker, m)
             if task.update_id is not None:
                 # Idempotent, even after the round closed: a retried upload counts once.
-                for _ in request_iterator:
+                async for _ in request_iterator:
                     pass
                 metrics.DUPLICATE_UPLOADS.inc()
                 return coordinator_pb2.UploadUpdateResponse(
                     update_id=str(task.update_id), duplicate=True
                 )
-            self._require_open_round(task)
-            self._check_manifest(task, m)
             receiver = PayloadReceiver(
                 m.payload,
                 max_total_bytes=self.settings.max_upload_bytes,
                 keep=False,
                 hashing=False,  # the blob store hashes what it writes
             )
-
-            def chunks() -> Iterator[bytes]:
-                for msg in request_iterator:
+            # Chunks go straight to a staged file while they are checked (hashed and
+            # written on the writer's thread); the file is verified through a memory map
+            # and becomes visible only if all checks pass. It is created with the first
+            # chunk: a stream stalled after its manifest holds no file.
+            writer: BlobWriter | None = None
+            try:
+                async for msg in request_iterator:
                     if msg.WhichOneof("kind") != "data":
                         raise _error(
                             errors_pb2.ERROR_REASON_MALFORMED,
@@ -612,45 +677,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                             "manifest",
                         )
                     receiver.feed(msg.data)
-                    yield msg.data
-
-            # Chunks go straight to a staged file while they are checked; the file is
-            # verified through a memory map and becomes visible only if all checks pass.
-            staged = self.blobs.stage(chunks())
-            try:
-                with staged.mapped() as payload:
-                    # size, sha256, names, shapes, dtypes, finite (while the fsync runs)
-                    receiver.finish_with(payload, sha256=staged.sha256)
-                sha, size = staged.sha256, staged.size
-                # The row first, the blob made visible inside its transaction: a row the
-                # database refuses leaves no blob behind.
-                record = self.store.record_update(
-                    Update(
-                        job_id=task.job_id,
-                        round=task.round,
-                        worker_id=worker.id,
-                        task_id=task.id,
-                        sha256=sha,
-                        byte_count=size,
-                        num_samples=m.num_samples,
-                        loss_before=m.train_loss_before,
-                        loss_after=m.train_loss_after,
-                        local_scores=dict(m.local_scores),
-                        predicted_bytes=m.predicted_peak_bytes,
-                        measured_peak_bytes=m.measured_peak_bytes,
-                        train_seconds=m.train_seconds,
-                    ),
-                    before_commit=staged.commit,
-                )
-            except TaskClosed as e:
-                raise _error(
-                    errors_pb2.ERROR_REASON_ROUND_CLOSED, f"{e}: the round closed", "task_id"
-                ) from e
-            finally:
-                if not staged.committed:
-                    staged.discard()
+                    writer = writer or self.blobs.writer()
+                    if not writer.put_nowait(msg.data):  # its window is full: wait off the loop
+                        await self._blocking(writer.put, msg.data)
+            except BaseException:
+                if writer is not None:
+                    await self._blocking(writer.abandon)
+                raise
+            writer = writer or self.blobs.writer()  # no data: the checks below say why
+            record, size = await self._blocking(
+                self._store_update, writer, receiver, task, worker, m
+            )
         except WireError as e:
-            return self._reject(context, e, **where)
+            await self._reject(context, e, **where)
         if record.duplicate:
             metrics.DUPLICATE_UPLOADS.inc()
         else:
@@ -662,6 +701,60 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.UploadUpdateResponse(
             update_id=str(record.update_id), duplicate=record.duplicate
         )
+
+    def _store_update(
+        self,
+        writer: BlobWriter,
+        receiver: PayloadReceiver,
+        task: UploadTarget,
+        worker: Worker,
+        m: transfer_pb2.UpdateManifest,
+    ) -> tuple[UpdateRecord, int]:
+        """Verify the received bytes, then commit the row and the blob together (blocking:
+        hashing, a memory-mapped scan, an fsync, a transaction)."""
+        staged = writer.finish()
+        try:
+            with staged.mapped() as payload:
+                # size, sha256, names, shapes, dtypes, finite (while the fsync runs)
+                receiver.finish_with(payload, sha256=staged.sha256)
+            # The row first, the blob made visible inside its transaction: a row the
+            # database refuses leaves no blob behind.
+            record = self.store.record_update(
+                Update(
+                    job_id=task.job_id,
+                    round=task.round,
+                    worker_id=worker.id,
+                    task_id=task.id,
+                    sha256=staged.sha256,
+                    byte_count=staged.size,
+                    num_samples=m.num_samples,
+                    loss_before=m.train_loss_before,
+                    loss_after=m.train_loss_after,
+                    local_scores=dict(m.local_scores),
+                    predicted_bytes=m.predicted_peak_bytes,
+                    measured_peak_bytes=m.measured_peak_bytes,
+                    train_seconds=m.train_seconds,
+                ),
+                before_commit=staged.commit,
+            )
+        except TaskClosed as e:
+            raise _error(
+                errors_pb2.ERROR_REASON_ROUND_CLOSED, f"{e}: the round closed", "task_id"
+            ) from e
+        finally:
+            if not staged.committed:
+                staged.discard()
+        return record, staged.size
+
+    def _upload_target(self, worker: Worker, m: transfer_pb2.UpdateManifest) -> UploadTarget:
+        """The task an upload is for, checked to take this manifest now (blocking: one
+        query, and the global adapter's shapes once per job). A task that already has its
+        update is returned unchecked: the upload is a retry."""
+        task = self._upload_task(worker, m)
+        if task.update_id is None:
+            self._require_open_round(task)
+            self._check_manifest(task, m)
+        return task
 
     def _upload_task(self, worker: Worker, m: transfer_pb2.UpdateManifest) -> UploadTarget:
         task = self.store.upload_target(m.task_id)
@@ -740,6 +833,47 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     f"got {dtype_name(spec.dtype)}",
                     name,
                 )
+
+
+@dataclass
+class _OpenBlob:
+    """A blob being sent: its file, and the first chunk already read from it."""
+
+    file: BinaryIO
+    first: bytes
+
+    def __enter__(self) -> _OpenBlob:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.file.close()
+
+
+async def run_blocking(executor: Executor, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on ``executor``'s threads: what would stall the event loop (a query, a
+    file read, an fsync) never runs on it.
+
+    Once submitted it runs to its end even if the awaiting call is cancelled meanwhile
+    (the client went away): cancelling an executor's future that has not started skips
+    it, and with it a write's cleanup, such as discarding a staged upload."""
+    job = asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
+    job.add_done_callback(_retrieved)
+    return await asyncio.shield(job)
+
+
+def _retrieved(job: asyncio.Future[Any]) -> None:
+    """Marks a job's outcome seen: one whose caller left is not an unhandled error."""
+    if not job.cancelled():
+        job.exception()
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Until ``event`` is set or ``timeout`` passes (a timer, not a task per wait)."""
+    timer = asyncio.get_running_loop().call_later(timeout, event.set)
+    try:
+        await event.wait()
+    finally:
+        timer.cancel()
 
 
 def _reason_name(value: int) -> str:

@@ -18,9 +18,12 @@ class CoordinatorSettings(BaseSettings):
     )
     grpc_host: str = "127.0.0.1"
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 50051
-    grpc_threads: Annotated[int, Field(ge=4, le=10_000)] = 512
-    """Handler threads. Each waiting long poll holds one, so this bounds how many workers
-    can wait for a task at once without queueing everyone else's calls."""
+    grpc_threads: Annotated[int, Field(ge=1, le=10_000)] = 4
+    """Threads for the calls' blocking work: queries, blob reads, checks and fsyncs of
+    uploads. Calls themselves are coroutines on one event loop, so a waiting long poll
+    holds none. Each thread more is one more to hand the interpreter lock around: at 500
+    workers on PostgreSQL, 16 closed rounds in 10.1 s and 4 in 6.0-7.1 s
+    (docs/benchmarks.md, "Load"); raise it only for a database far away."""
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=600_000)] = 2_000
     heartbeat_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
     """Liveness timeout at ``heartbeat_interval_ms``; it grows with the interval."""

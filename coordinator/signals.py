@@ -19,10 +19,16 @@ driver's next regular tick.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class _Settable(Protocol):
+    def set(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class Signals:
     def __init__(self) -> None:
         self._tasks = threading.Lock()
         self._epoch = 0
-        self._waiters: set[threading.Event] = set()
+        self._waiters: set[_Settable] = set()
         self.woken = 0
         """How many waiting polls the latest new tasks woke together (the wave's size)."""
         self._uploads = threading.Condition()
@@ -72,6 +78,26 @@ class Signals:
         finally:
             with self._tasks:
                 self._waiters.discard(wake)
+        return self._epoch
+
+    async def tasks_after(self, seen_epoch: int, timeout: float, wake: asyncio.Event) -> int:
+        """:meth:`wait_for_tasks` for a coroutine: wait, holding no thread, until tasks are
+        created after ``seen_epoch``, ``wake`` is set by someone else (the call ended), or
+        ``timeout``; the epoch. The driver's thread sets ``wake`` through its loop, as it
+        does a thread's event; a caller that reuses it clears it before each wait."""
+        loop = asyncio.get_running_loop()
+        waiter = _LoopEvent(loop, wake)
+        with self._tasks:
+            if self._epoch != seen_epoch:
+                return self._epoch
+            self._waiters.add(waiter)
+        timer = loop.call_later(timeout, wake.set)
+        try:
+            await wake.wait()
+        finally:
+            timer.cancel()
+            with self._tasks:
+                self._waiters.discard(waiter)
         return self._epoch
 
     def upload_accepted(self, job_id: str | None = None) -> None:
@@ -115,3 +141,14 @@ class Signals:
 
         with self._uploads:
             return self._uploads.wait_for(ready, timeout)
+
+
+class _LoopEvent:
+    """An asyncio event that another thread sets (through its loop, the only safe way)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self.loop, self.event = loop, event
+
+    def set(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.event.set)

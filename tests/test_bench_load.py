@@ -51,10 +51,7 @@ def test_bench_load_reports_every_field_with_no_errors(pg_url: str) -> None:
     assert row["errors_by_call"] == {}
     # Read from the coordinator's /metrics: six workers overload nothing.
     assert row["resent_calls"] == sum(row["resent_by_call"].values()) == 0
-    assert row["coordinator_settings"] == {
-        "FEDPILOT_GRPC_THREADS": "512",
-        "FEDPILOT_GRPC_MAX_CONCURRENT_RPCS": "2048",
-    }
+    assert row["coordinator_settings"] == {"FEDPILOT_GRPC_MAX_CONCURRENT_RPCS": "2048"}
 
 
 def test_resent_calls_are_read_from_the_coordinators_metrics(tmp_path) -> None:

@@ -44,29 +44,22 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
-        """Write ``chunks`` to a temporary file while hashing them. Its fsync starts at once
-        in the background, so a caller can verify the bytes meanwhile;
-        :meth:`StagedBlob.commit` waits for it, then makes the blob visible.
-
-        The hashing and writing run on a thread of their own (:class:`_Writer`), so the
-        caller's thread goes back to receiving at once; at most :data:`WRITE_WINDOW`
-        chunks wait between the two. Written bytes are flushed in the background every
-        :data:`FLUSH_STEP`, so the fsync before the commit finds only the tail dirty.
-        Both measured in docs/benchmarks.md ("Transfer").
-        """
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._tmpdir())
-        writer = _Writer(fd)
+        """Write ``chunks`` to a temporary file while hashing them (see :class:`BlobWriter`).
+        Its fsync starts at once in the background, so a caller can verify the bytes
+        meanwhile; :meth:`StagedBlob.commit` waits for it, then makes the blob visible."""
+        writer = self.writer()
         try:
-            try:
-                for chunk in chunks:
-                    writer.put(chunk)
-            finally:
-                sha256, size = writer.finish()  # raises the writer's error, if it had one
-                os.close(fd)
+            for chunk in chunks:
+                writer.put(chunk)
         except BaseException:
-            os.unlink(tmp)
+            writer.abandon()
             raise
-        return StagedBlob(self, Path(tmp), sha256, size)
+        return writer.finish()
+
+    def writer(self) -> BlobWriter:
+        """A blob to be written chunk by chunk, then staged with :meth:`BlobWriter.finish`."""
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._tmpdir())
+        return BlobWriter(self, fd, Path(tmp))
 
     def put(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:
         """Store the bytes; returns (sha256, size). Idempotent for equal content."""
@@ -116,6 +109,48 @@ class BlobStore:
         return tmp
 
 
+class BlobWriter:
+    """A temporary file being written and hashed, chunk by chunk.
+
+    The hashing and writing run on a thread of their own (:class:`_Writer`), so the
+    receiving side goes back to receiving at once; at most :data:`WRITE_WINDOW` chunks
+    wait between the two. Written bytes are flushed in the background every
+    :data:`FLUSH_STEP`, so the fsync before the commit finds only the tail dirty. Both
+    measured in docs/benchmarks.md ("Transfer"). An event loop calls :meth:`put_nowait`
+    and waits elsewhere only when it returns False.
+    """
+
+    def __init__(self, store: BlobStore, fd: int, path: Path) -> None:
+        self.store, self._fd, self.path = store, fd, path
+        self._writer = _Writer(fd)
+
+    def put(self, chunk: bytes) -> None:
+        self._writer.put(chunk)
+
+    def put_nowait(self, chunk: bytes) -> bool:
+        """Queue ``chunk`` unless that would block (its window is full); whether queued."""
+        return self._writer.put(chunk, block=False)
+
+    def finish(self) -> StagedBlob:
+        """Wait for the queued chunks; the staged blob (fsync started). On an error the
+        temporary file is gone."""
+        try:
+            try:
+                sha256, size = self._writer.finish()  # raises the writer's error, if any
+            finally:
+                os.close(self._fd)
+        except BaseException:
+            os.unlink(self.path)
+            raise
+        return StagedBlob(self.store, self.path, sha256, size)
+
+    def abandon(self) -> None:
+        """Stop, and remove the temporary file (the upload failed while receiving)."""
+        with contextlib.suppress(BaseException):
+            self.finish().discard()
+        self.path.unlink(missing_ok=True)
+
+
 class StagedBlob:
     """A fully written blob not yet visible under its digest (being fsynced)."""
 
@@ -161,6 +196,10 @@ def _mapped(path: Path) -> Iterator[mmap.mmap]:
 FLUSH_STEP = 32 << 20
 """A staged blob's written bytes are flushed in the background after each this many."""
 
+INLINE_BYTES = 64 << 10
+"""A first chunk up to this size is written by the caller even when it must not block
+(an event loop): a small update costs no thread, a large one does not stall the loop."""
+
 WRITE_WINDOW = 4
 """Chunks received but not yet written, per staged blob (4 MiB at the wire's 1 MiB)."""
 
@@ -188,17 +227,23 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self._chunks = 0
 
-    def put(self, chunk: bytes) -> None:
+    def put(self, chunk: bytes, block: bool = True) -> bool:
+        """Queue ``chunk`` (waiting for room, or not with ``block=False``); whether queued."""
         if self._error is not None:
             raise self._error
-        self._chunks += 1
-        if self._chunks == 1:
+        if self._chunks == 0 and (block or len(chunk) <= INLINE_BYTES):
+            self._chunks = 1
             self._write(chunk)
-            return
+            return True
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="blob-write", daemon=True)
             self._thread.start()
-        self._queue.put(chunk)
+        try:
+            self._queue.put(chunk, block=block)
+        except queue.Full:
+            return False
+        self._chunks += 1
+        return True
 
     def finish(self) -> tuple[str, int]:
         """Wait for the queued chunks; the sha256 and size of what was written."""

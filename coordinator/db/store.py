@@ -314,6 +314,20 @@ class Store:
         _remember(self._known, worker.id, worker)
         return worker
 
+    def known_worker(self, worker_id: str, token: str) -> Worker | None:
+        """:meth:`authenticate` from memory only, for callers that must not block: the
+        worker, None if it is not remembered (then ask :meth:`authenticate`), or
+        :class:`AuthError` for a remembered worker and a wrong token."""
+        if worker_id not in self._known:
+            return None
+        return self.authenticate(worker_id, token)
+
+    def known_token(self, token: str) -> Worker | None:
+        """:meth:`worker_by_token` from memory only: None if not remembered."""
+        if not token or len(token) > 200:
+            return None
+        return self._by_token.get(hash_token(token))
+
     @retrying
     def worker_by_token(self, token: str) -> Worker | None:
         """The worker holding ``token``, or None. Tokens are 256-bit random strings, so a

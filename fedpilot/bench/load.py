@@ -336,6 +336,10 @@ def _hwm(pid: int) -> int:
     return 0
 
 
+_PHASES = ("first_upload", "median_upload", "p90_upload", "last_upload", "close_after_last")
+"""Seconds from a round's start to its uploads, then from the last upload to its close."""
+
+
 def _epoch(when: Any) -> float:
     """A stored timestamp (naive ones are UTC) as seconds since the epoch."""
     import datetime as dt
@@ -453,7 +457,8 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
             peak = _hwm(pid)
             resent = _resent_calls(cluster.http_url)
             rounds = store.rounds(job_id)
-            updates = [len(store.updates(job_id, r.number)) for r in rounds]
+            received = [[u.received_at for u in store.updates(job_id, r.number)] for r in rounds]
+            updates = [len(r) for r in received]
             duplicates_ok = all(n <= workers for n in updates)
         finally:
             sampler.stop()
@@ -494,6 +499,19 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
     windows = [
         (_epoch(r.started_at), _epoch(r.closed_at)) for r in rounds if r.closed_at is not None
     ]
+    # Where a round's time goes: until the last upload is the fleet's and the calls',
+    # after it the driver's (aggregating and writing the next version).
+    phases = [
+        (
+            round((min(times) - r.started_at).total_seconds(), 3),
+            round((sorted(times)[len(times) // 2] - r.started_at).total_seconds(), 3),
+            round((sorted(times)[-max(1, len(times) // 10)] - r.started_at).total_seconds(), 3),
+            round((max(times) - r.started_at).total_seconds(), 3),
+            round((r.closed_at - max(times)).total_seconds(), 3),
+        )
+        for r, times in zip(rounds, received, strict=True)
+        if r.closed_at is not None and times
+    ]
     if job.state != "done":
         errors.append(f"job ended {job.state}: {job.error}")
     if len(results) < len(procs):
@@ -508,6 +526,7 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
         "coordinator_peak_rss_bytes": peak,
         "coordinator_cpu_s": round(cpu, 2),
         "per_round": round_cpu(sampler, windows),
+        "round_phases_s": [dict(zip(_PHASES, p, strict=True)) for p in phases],
         "errors": len(errors),
         "rounds_closed": len(closes),
         "updates_per_round": updates,
@@ -561,13 +580,10 @@ def _resent_calls(http_url: str) -> dict[str, int]:
 
 
 def _sized_for(workers: int) -> dict[str, str]:
-    """The coordinator's gRPC limits as docs/configuration.md sizes them for a fleet:
-    a handler thread per waiting long poll plus room for the other calls, and calls in
-    progress for each worker's poll, heartbeat and transfer (the defaults below 500)."""
-    return {
-        "FEDPILOT_GRPC_THREADS": str(max(512, workers + workers // 4)),
-        "FEDPILOT_GRPC_MAX_CONCURRENT_RPCS": str(max(2048, 4 * workers)),
-    }
+    """The coordinator's gRPC limit as docs/configuration.md sizes it for a fleet: calls
+    in progress for each worker's poll, heartbeat and transfer (the default below 500).
+    Waiting polls hold no thread, so the thread count is left at its default."""
+    return {"FEDPILOT_GRPC_MAX_CONCURRENT_RPCS": str(max(2048, 4 * workers))}
 
 
 def run(counts: tuple[int, ...], config: LoadConfig) -> Iterator[dict[str, Any]]:

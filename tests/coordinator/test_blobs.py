@@ -92,3 +92,45 @@ def test_a_blob_larger_than_the_flush_step_is_stored_whole(tmp_path) -> None:
     assert size == count * len(chunk)
     assert sha == hashlib.sha256(chunk * count).hexdigest()
     assert blobs.read(sha) == chunk * count
+
+
+def test_a_writer_that_must_not_block_refuses_a_chunk_when_its_window_is_full() -> None:
+    """An event loop feeds a writer with ``put(block=False)``: with the writing thread
+    stuck (here: a pipe nobody reads), at most the window's chunks are taken, the rest
+    are refused at once instead of blocking the loop, and what was taken is written
+    whole once the thread moves again."""
+    import os
+    import threading
+
+    from coordinator.db.blobs import WRITE_WINDOW, _Writer
+
+    read_end, write_end = os.pipe()
+    writer = _Writer(write_end)
+    chunk = b"x" * (1 << 18)  # larger than the pipe's buffer: the thread blocks writing
+    assert writer.put(b"first", block=False)  # small first chunk: written by the caller
+    answers = [writer.put(chunk, block=False) for _ in range(WRITE_WINDOW + 3)]
+    taken = sum(answers)
+    assert WRITE_WINDOW <= taken <= WRITE_WINDOW + 1 and not answers[-1]
+    received = bytearray()
+
+    def drain() -> None:
+        while data := os.read(read_end, 1 << 16):
+            received.extend(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    sha, size = writer.finish()
+    os.close(write_end)
+    reader.join(10)
+    os.close(read_end)
+    expected = b"first" + chunk * taken
+    assert size == len(expected) and bytes(received) == expected
+    assert sha == hashlib.sha256(expected).hexdigest()
+
+
+def test_an_abandoned_writer_leaves_no_file(tmp_path) -> None:
+    blobs = BlobStore(tmp_path)
+    writer = blobs.writer()
+    writer.put_nowait(b"partial")
+    writer.abandon()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -4,6 +4,7 @@ idempotent re-upload. Each rejection names the problem and stores nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -270,16 +271,16 @@ def test_a_long_poll_waits_without_waking_and_ends_when_its_client_goes(
     signals = running.driver.signals
     waits: list[float] = []
     returned = threading.Event()
-    original = signals.wait_for_tasks
+    original = signals.tasks_after
 
-    def counted(seen: int, timeout: float, wake: threading.Event | None = None) -> int:
+    async def counted(seen: int, timeout: float, wake: asyncio.Event) -> int:
         waits.append(timeout)
         try:
-            return original(seen, timeout, wake)
+            return await original(seen, timeout, wake)
         finally:
             returned.set()
 
-    monkeypatch.setattr(signals, "wait_for_tasks", counted)
+    monkeypatch.setattr(signals, "tasks_after", counted)
     client = CoordinatorClient(f"127.0.0.1:{running.port}")
     client.register("waiting-worker", budget_bytes=BASE + MODULE_BYTES)
     assert client.poll_task(1_500) is None

@@ -89,3 +89,46 @@ def test_woken_counts_the_polls_the_latest_tasks_woke_together() -> None:
     assert signals.woken == 3
     signals.tasks_created()  # nobody waiting any more
     assert signals.woken == 0
+
+
+def test_a_coroutine_poll_wakes_from_the_drivers_thread_by_its_end_or_its_timeout() -> None:
+    """``tasks_after``: the event-loop form of the wait. New tasks created on another
+    thread (the driver's) wake it through its loop; so does its caller's end; and
+    nothing else before its timeout."""
+    import asyncio
+
+    signals = Signals()
+
+    async def scenario() -> tuple[int, float, float, int]:
+        wake = asyncio.Event()
+        waiting = asyncio.ensure_future(signals.tasks_after(0, 30, wake))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and len(signals._waiters) == 1
+        threading.Thread(target=signals.tasks_created).start()
+        epoch = await asyncio.wait_for(waiting, 5)
+        assert signals._waiters == set()
+        wake.clear()  # the caller ends: its own event wakes the next wait
+        began = time.monotonic()
+        ended = asyncio.ensure_future(signals.tasks_after(epoch, 30, wake))
+        await asyncio.sleep(0.05)
+        wake.set()
+        await asyncio.wait_for(ended, 5)
+        stopped = time.monotonic() - began
+        wake.clear()
+        began = time.monotonic()
+        again = await signals.tasks_after(epoch, 0.2, wake)  # nothing: its timeout
+        return epoch, stopped, time.monotonic() - began, again
+
+    epoch, stopped, timed_out, again = asyncio.run(scenario())
+    assert epoch == 1 and again == 1
+    assert stopped < 5
+    assert 0.15 <= timed_out < 5
+
+
+def test_an_epoch_already_moved_answers_a_coroutine_at_once() -> None:
+    import asyncio
+
+    signals = Signals()
+    signals.tasks_created()
+    assert asyncio.run(signals.tasks_after(0, 30, asyncio.Event())) == 1
+    assert signals._waiters == set()
