@@ -122,7 +122,6 @@ def coordinator(
 
         evaluator = HeldOutEvaluator()
     running = start(settings, evaluator=evaluator)
-    _long_lived_heap()
     if job is not None:
         spec = JobSpec.model_validate(json.loads(job.read_text()))
         job_id = running.store.create_job(spec.name, spec.model_dump(mode="json"))
@@ -133,23 +132,6 @@ def coordinator(
         port_file.write_text(str(running.port))
     _wait_for_signal()
     running.stop()
-
-
-def _long_lived_heap() -> None:
-    """Tell the cyclic garbage collector what a server's heap looks like: what exists
-    after start (modules, the ORM's mappings, caches) lives for good, so it is frozen out
-    of every collection, and calls allocate many short-lived objects, so the youngest
-    generation is collected less often. Together a tenth of the coordinator's CPU at 500
-    workers (docs/benchmarks.md, "Load")."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
-
-
-GC_YOUNG_THRESHOLD = 20_000
-"""Allocations between collections of the youngest generation (CPython's default 700)."""
 
 
 def worker(
