@@ -32,7 +32,7 @@ from fedpilot.coordinator.adapter_shapes import (
 )
 from fedpilot.coordinator.cadence import HeartbeatCadence, wave_delay
 from fedpilot.coordinator.db.blobs import BlobStore, BlobWriter
-from fedpilot.coordinator.db.models import AdapterVersion, Update, Worker
+from fedpilot.coordinator.db.models import Update, Worker
 from fedpilot.coordinator.db.store import (
     AuthError,
     Store,
@@ -82,6 +82,12 @@ EMPTY_POLL_TRUST_S = 30.0
 
 MAX_REMEMBERED_POLLS = 100_000
 """Workers whose last empty poll is remembered; past it the memory starts over."""
+
+INLINE_ADAPTER_BYTES = 512 << 10
+"""A global adapter up to this size is sent inside each training task, so its worker
+needs no DownloadAdapter call (a third of a small adapter's calls per worker-round,
+docs/benchmarks.md, "Load"). Half a message: the task's other fields stay well inside
+gRPC's message limit."""
 
 POLL_QUERY_SLOTS = 8
 """Long polls that query the database at once. Tasks wake every waiting poll together
@@ -192,6 +198,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.cadence = cadence
         self.registrations = TokenBucket(settings.registrations_per_s, settings.registration_burst)
         self._manifests: dict[str, transfer_pb2.PayloadManifest] = {}
+        self._inline: dict[str, bytes] = {}
+        """Bytes of the latest small versions, sent inside training tasks."""
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
         self._bounds: dict[str, AdapterBounds] = {}
         self._specs: dict[str, JobSpec] = {}
@@ -531,6 +539,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         spec = self._spec(task.job_id)
         assert spec is not None
         deadline_ms = int(task.deadline_at.timestamp() * 1000) if task.deadline_at else 0
+        inline = (
+            self._inline_adapter(task.job_id, task.adapter_version)
+            if task.kind == "train"
+            else None
+        )
+        adapter, adapter_data = inline if inline is not None else (None, b"")
         return coordinator_pb2.Task(
             task_id=task.id,
             job_id=task.job_id,
@@ -541,6 +555,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             adapter_version=task.adapter_version,
             predicted_peak_bytes=task.predicted_bytes,
             deadline_unix_ms=deadline_ms,
+            adapter=adapter,
+            adapter_data=adapter_data,
         )
 
     async def RefuseTask(
@@ -580,47 +596,74 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 job_id=request.job_id,
                 worker_id=worker.id,
             )
-        version, spec, payload, blob = found
+        manifest, blob = found
         with blob:
-            yield transfer_pb2.AdapterChunk(
-                manifest=transfer_pb2.AdapterManifest(
-                    job_id=version.job_id,
-                    version=version.version,
-                    payload=payload,
-                    lora_rank=spec.lora.rank,
-                    lora_alpha=spec.lora.alpha,
-                    target_modules=spec.lora.target_modules,
-                )
-            )
+            yield transfer_pb2.AdapterChunk(manifest=manifest)
             sent = 0
-            while sent < payload.total_bytes:
+            while sent < manifest.payload.total_bytes:
                 # The first chunk was read with the version; the rest off the loop.
                 chunk = blob.first or await self._blocking(blob.file.read, MAX_CHUNK_BYTES)
                 blob.first = b""
                 if not chunk:
-                    raise RuntimeError(f"blob {version.sha256} ended after {sent} bytes")
+                    raise RuntimeError(f"blob {manifest.payload.sha256} ended after {sent} bytes")
                 yield transfer_pb2.AdapterChunk(data=chunk)
                 sent += len(chunk)
                 metrics.BYTES_OUT.inc(len(chunk))
 
     def _version_to_send(
         self, job_id: str, number: int
-    ) -> tuple[AdapterVersion, JobSpec, transfer_pb2.PayloadManifest, _OpenBlob] | None:
-        """A stored version, its job's spec, its payload's manifest and its blob opened with
-        the first chunk read (a small adapter's download needs nothing else), or None."""
+    ) -> tuple[transfer_pb2.AdapterManifest, _OpenBlob] | None:
+        """A stored version's manifest and its blob opened with the first chunk read (a
+        small adapter's download needs nothing else), or None."""
+        found = self._adapter_manifest(job_id, number)
+        if found is None:
+            return None
+        manifest, sha256 = found
+        file = self.blobs.path(sha256).open("rb")
+        return manifest, _OpenBlob(file, file.read(MAX_CHUNK_BYTES))
+
+    def _adapter_manifest(
+        self, job_id: str, number: int
+    ) -> tuple[transfer_pb2.AdapterManifest, str] | None:
+        """What describes a stored version to a worker, and its blob's address; None if the
+        job has no such version. A version never changes: described once, not per use."""
         version = self.store.version(job_id, number)
         spec = self._spec(job_id) if version is not None else None
         if version is None or spec is None:
             return None
         payload = self._manifests.get(version.sha256)
-        if payload is None:  # a version never changes: describe it once, not per download
+        if payload is None:
             with self.blobs.mapped(version.sha256) as data:
                 payload = _manifest_of(data, version.sha256)
             if len(self._manifests) >= 64:
                 self._manifests.clear()
             self._manifests[version.sha256] = payload
-        file = self.blobs.path(version.sha256).open("rb")
-        return version, spec, payload, _OpenBlob(file, file.read(MAX_CHUNK_BYTES))
+        manifest = transfer_pb2.AdapterManifest(
+            job_id=version.job_id,
+            version=version.version,
+            payload=payload,
+            lora_rank=spec.lora.rank,
+            lora_alpha=spec.lora.alpha,
+            target_modules=spec.lora.target_modules,
+        )
+        return manifest, version.sha256
+
+    def _inline_adapter(
+        self, job_id: str, number: int
+    ) -> tuple[transfer_pb2.AdapterManifest, bytes] | None:
+        """A version small enough to ride along with its training tasks, with its bytes
+        (kept for the next tasks of the round: each is read once), or None."""
+        found = self._adapter_manifest(job_id, number)
+        if found is None or found[0].payload.total_bytes > INLINE_ADAPTER_BYTES:
+            return None
+        manifest, sha256 = found
+        data = self._inline.get(sha256)
+        if data is None:
+            data = self.blobs.read(sha256)
+            if len(self._inline) >= 8:
+                self._inline.clear()
+            self._inline[sha256] = data
+        return manifest, data
 
     async def UploadUpdate(
         self,

@@ -39,12 +39,9 @@ def test_bench_load_reports_every_field_with_no_errors(pg_url: str) -> None:
     assert 0 < row["rpc_p50_ms"] <= row["rpc_p99_ms"]
     # Every run registers, profiles, downloads and uploads; a heartbeat only when the
     # run outlasts the 2 s interval, which two rounds of six workers need not.
-    assert set(row["by_method_p99_ms"]) >= {
-        "Register",
-        "ReportProfile",
-        "DownloadAdapter",
-        "UploadUpdate",
-    }
+    assert set(row["by_method_p99_ms"]) >= {"Register", "ReportProfile", "UploadUpdate"}
+    # The bench's small adapter rides inside each training task: no download call.
+    assert "DownloadAdapter" not in row["by_method_p99_ms"]
     # Six workers are far below heartbeats_per_s x interval: the configured 2 s interval,
     # learnt from the coordinator's answers, and default gRPC limits.
     assert row["heartbeat_interval_s"] == 2.0

@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,17 +262,47 @@ class CoordinatorClient:
                 "adapter download did not start with a manifest",
                 "manifest",
             )
-        receiver = PayloadReceiver(first.manifest.payload, max_total_bytes=max_bytes)
-        for msg in stream:
-            if msg.WhichOneof("kind") != "data":
-                raise WireError(
-                    errors_pb2.ERROR_REASON_MALFORMED, "second manifest in a download", "manifest"
-                )
-            receiver.feed(msg.data)
+
+        def chunks() -> Iterator[bytes]:
+            for msg in stream:
+                if msg.WhichOneof("kind") != "data":
+                    raise WireError(
+                        errors_pb2.ERROR_REASON_MALFORMED,
+                        "second manifest in a download",
+                        "manifest",
+                    )
+                yield msg.data
+
+        return first.manifest, self._received(first.manifest, chunks(), max_bytes)
+
+    def adapter_for(
+        self, task: coordinator_pb2.Task, *, max_bytes: int = 1 << 30
+    ) -> tuple[transfer_pb2.AdapterManifest, dict[str, np.ndarray]]:
+        """The global adapter a training task starts from: the copy that came inside the
+        task when the coordinator sent one (checked exactly as a download), otherwise
+        downloaded."""
+        if not task.HasField("adapter"):
+            return self.download_adapter(task.job_id, task.adapter_version, max_bytes=max_bytes)
+        if task.adapter.job_id != task.job_id or task.adapter.version != task.adapter_version:
+            raise WireError(
+                errors_pb2.ERROR_REASON_MALFORMED,
+                f"the task's adapter is job {task.adapter.job_id!r} version "
+                f"{task.adapter.version}, not the task's {task.adapter_version}",
+                "adapter",
+            )
+        return task.adapter, self._received(task.adapter, [task.adapter_data], max_bytes)
+
+    def _received(
+        self, manifest: transfer_pb2.AdapterManifest, chunks: Iterable[bytes], max_bytes: int
+    ) -> dict[str, np.ndarray]:
+        """An adapter's bytes verified against its manifest (size, digest, tensors)."""
+        receiver = PayloadReceiver(manifest.payload, max_total_bytes=max_bytes)
+        for chunk in chunks:
+            receiver.feed(chunk)
         tensors = receiver.finish()
-        if first.manifest.payload.blake3:
+        if manifest.payload.blake3:
             self.upload_checksum = "blake3"
-        return first.manifest, tensors
+        return tensors
 
     def upload_update(
         self, manifest: transfer_pb2.UpdateManifest, tensors: Mapping[str, np.ndarray]

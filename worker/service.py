@@ -482,9 +482,7 @@ class WorkerService:
         self.state = coordinator_pb2.WORKER_STATE_TRAINING
         config = task.config
         spec, model = self._model(config)
-        _, tensors = self.call(
-            lambda: self.client.download_adapter(task.job_id, task.adapter_version)
-        )
+        _, tensors = self.call(lambda: self.client.adapter_for(task))
         metrics.DOWNLOAD_BYTES.inc(sum(t.nbytes for t in tensors.values()))
         load_module_state(model, unflatten(tensors))
         batches = self._batches(config, spec)

@@ -259,7 +259,7 @@ def _simulated_worker(
             if task.kind == coordinator_pb2.TASK_KIND_PROFILE:
                 client.report_profile(task.job_id, task.task_id, profile)
                 continue
-            _, adapter = client.download_adapter(task.job_id, task.adapter_version)
+            _, adapter = client.adapter_for(task)
             if config.compute_s:
                 time.sleep(config.compute_s)
             client.upload_update(*simulated_update(task, adapter, rng, config.compute_s))

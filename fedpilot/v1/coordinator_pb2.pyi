@@ -164,7 +164,7 @@ class JobConfig(_message.Message):
     def __init__(self, model: _Optional[str] = ..., task: _Optional[str] = ..., num_labels: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., ig_probe_batches: _Optional[int] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., payload_dtype: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "config", "modules", "adapter_version", "predicted_peak_bytes", "deadline_unix_ms")
+    __slots__ = ("task_id", "job_id", "round", "kind", "config", "modules", "adapter_version", "predicted_peak_bytes", "deadline_unix_ms", "adapter", "adapter_data")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,8 @@ class Task(_message.Message):
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_DATA_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -183,7 +185,9 @@ class Task(_message.Message):
     adapter_version: int
     predicted_peak_bytes: int
     deadline_unix_ms: int
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., modules: _Optional[_Iterable[str]] = ..., adapter_version: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    adapter: _transfer_pb2.AdapterManifest
+    adapter_data: bytes
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., modules: _Optional[_Iterable[str]] = ..., adapter_version: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., adapter: _Optional[_Union[_transfer_pb2.AdapterManifest, _Mapping]] = ..., adapter_data: _Optional[bytes] = ...) -> None: ...
 
 class PollTaskResponse(_message.Message):
     __slots__ = ("task", "heartbeat_interval_ms")

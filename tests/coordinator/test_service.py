@@ -215,6 +215,26 @@ def test_a_full_round_with_every_rejection_path(round_ready) -> None:
     assert len(store.updates(job_id, task.round)) == 1
 
 
+def test_a_small_adapter_rides_with_its_training_task(round_ready) -> None:
+    """A global adapter within the inline limit comes inside the training task, the same
+    manifest and bytes DownloadAdapter sends, so the worker makes no download call."""
+    from fedpilot.coordinator.service import INLINE_ADAPTER_BYTES
+
+    _, client, job_id, task = round_ready
+    assert task.HasField("adapter") and len(task.adapter_data) <= INLINE_ADAPTER_BYTES
+    manifest, downloaded = client.download_adapter(job_id, task.adapter_version)
+    assert task.adapter == manifest
+    assert hashlib.sha256(task.adapter_data).hexdigest() == manifest.payload.sha256
+    calls: list[str] = []
+    original = client.download_adapter
+    client.download_adapter = lambda *a, **k: calls.append("download") or original(*a, **k)
+    inline_manifest, inline = client.adapter_for(task)
+    assert calls == [] and inline_manifest == manifest
+    assert set(inline) == set(downloaded)
+    for name, value in downloaded.items():
+        np.testing.assert_array_equal(inline[name], value)
+
+
 def test_uploads_carry_blake3_once_the_coordinator_names_it(round_ready) -> None:
     """Download manifests carry both digests; the client then uploads with BLAKE3 alone,
     the coordinator checks it and still stores the blob under its sha256."""

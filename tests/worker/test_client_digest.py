@@ -73,3 +73,57 @@ def test_other_refusals_are_not_sent_again(serve, refuse) -> None:
         client.upload_update(transfer_pb2.UpdateManifest(task_id="t"), TENSORS)
     assert len(servicer.seen) == 1
     assert client.upload_checksum == "blake3"
+
+
+def _inline_task(data: bytes, payload: transfer_pb2.PayloadManifest, **changes):
+    adapter = transfer_pb2.AdapterManifest(job_id="j", version=3, payload=payload)
+    fields = {"job_id": "j", "adapter_version": 3, "adapter": adapter, "adapter_data": data}
+    fields.update(changes)
+    return coordinator_pb2.Task(**fields)
+
+
+def test_an_adapter_inside_its_task_is_checked_like_a_download(serve) -> None:
+    """The adapter a coordinator sends inside a training task passes the same checks as a
+    download (size, digest, tensors) and is used without a call; a changed byte, or an
+    adapter of another version than the task's, is refused."""
+    from fedpilot.wire import encode_tensors
+
+    client = serve(_EarlierRelease())
+    data, payload = encode_tensors(TENSORS, "blake3")
+    manifest, tensors = client.adapter_for(_inline_task(bytes(data), payload))
+    assert manifest.version == 3 and client.upload_checksum == "blake3"
+    for name, value in TENSORS.items():
+        np.testing.assert_array_equal(tensors[name], value)
+    tampered = bytearray(data)
+    tampered[-1] ^= 1
+    with pytest.raises(WireError) as e:
+        client.adapter_for(_inline_task(bytes(tampered), payload))
+    assert e.value.reason == errors_pb2.ERROR_REASON_CHECKSUM_MISMATCH
+    with pytest.raises(WireError) as e:
+        client.adapter_for(_inline_task(bytes(data), payload, adapter_version=4))
+    assert e.value.field == "adapter"
+
+
+def test_a_task_without_its_adapter_downloads_it(serve) -> None:
+    """A coordinator that sends no adapter inside the task (an earlier release, or an
+    adapter past the inline limit): the client downloads the task's version."""
+    from fedpilot.wire import encode_tensors, iter_chunks
+
+    data, payload = encode_tensors(TENSORS, "sha256")
+    asked: list[tuple[str, int]] = []
+
+    class _Downloads(coordinator_pb2_grpc.CoordinatorServicer):
+        def DownloadAdapter(self, request, context):
+            asked.append((request.job_id, request.version))
+            yield transfer_pb2.AdapterChunk(
+                manifest=transfer_pb2.AdapterManifest(
+                    job_id=request.job_id, version=request.version, payload=payload
+                )
+            )
+            for part in iter_chunks(bytes(data), 16):
+                yield transfer_pb2.AdapterChunk(data=part)
+
+    client = serve(_Downloads())
+    manifest, tensors = client.adapter_for(coordinator_pb2.Task(job_id="j", adapter_version=5))
+    assert asked == [("j", 5)] and manifest.version == 5
+    np.testing.assert_array_equal(tensors["m/lora_A"], TENSORS["m/lora_A"])
