@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -141,7 +140,7 @@ async def _serve(
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
     _add_servicer(service, server)
-    health_servicer = HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # the asyncio form of the same servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
