@@ -22,7 +22,9 @@ DUPLICATE_UPLOADS = Counter(
     "fedpilot_duplicate_uploads_total", "Updates received again and counted once."
 )
 BYTES_IN = Counter("fedpilot_received_bytes_total", "Payload bytes of accepted updates.")
-BYTES_OUT = Counter("fedpilot_sent_bytes_total", "Adapter payload bytes streamed to workers.")
+BYTES_OUT = Counter(
+    "fedpilot_sent_bytes_total", "Adapter payload bytes sent to workers (downloads and tasks)."
+)
 ROUNDS = Counter("fedpilot_rounds_total", "Rounds ended, by outcome.", ["outcome"])
 ROUND_SECONDS = Histogram(
     "fedpilot_round_duration_seconds",

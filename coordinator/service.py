@@ -491,6 +491,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     message = await self._blocking(self._offered_message, worker.id)
                 if message is not None:
                     self._empty_polls.pop(worker.id, None)
+                    metrics.BYTES_OUT.inc(len(message.adapter_data))  # an adapter riding along
                     return coordinator_pb2.PollTaskResponse(task=message)
                 self._remember_empty(worker.id, epoch)
             # Query again only when tasks were created since (one wake-up per round for
