@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from fedpilot.coordinator import metrics
+from fedpilot.coordinator.aio import run_blocking
 from fedpilot.coordinator.db.models import Worker
 from fedpilot.coordinator.db.store import Store
 from fedpilot.coordinator.settings import CoordinatorSettings
@@ -190,9 +191,7 @@ class Guard:
         token = bearer_token(context)
         worker: Worker | None = self.store.known_token(token)
         if worker is None:  # not remembered: one query, off the event loop
-            worker = await asyncio.get_running_loop().run_in_executor(
-                self.blocking, self.store.worker_by_token, token
-            )
+            worker = await run_blocking(self.blocking, self.store.worker_by_token, token)
         if worker is None:
             await self.reject(
                 context,

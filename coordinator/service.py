@@ -16,7 +16,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
@@ -30,6 +30,7 @@ from fedpilot.coordinator.adapter_shapes import (
     first_difference,
     model_max_dim,
 )
+from fedpilot.coordinator.aio import run_blocking, wait_event
 from fedpilot.coordinator.cadence import HeartbeatCadence, wave_delay
 from fedpilot.coordinator.db.blobs import BlobStore, BlobWriter
 from fedpilot.coordinator.db.models import Update, Worker
@@ -197,7 +198,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.signals = signals
         self.cadence = cadence
         self.registrations = TokenBucket(settings.registrations_per_s, settings.registration_burst)
-        self._manifests: dict[str, transfer_pb2.PayloadManifest] = {}
+        self._manifests: dict[tuple[str, int], tuple[transfer_pb2.AdapterManifest, str]] = {}
+        """Per (job, version): its manifest as sent to workers, and its blob's sha256."""
         self._inline: dict[str, bytes] = {}
         """Bytes of the latest small versions, sent inside training tasks."""
         self._shape_cache: dict[str, dict[str, list[int]]] = {}
@@ -508,7 +510,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             delay = min(delay, deadline - time.monotonic())
             if delay > 0:
                 wake.clear()  # from here on only the call's end sets it
-                await _wait(wake, delay)
+                await wait_event(wake, delay)
             if ended.is_set():
                 return coordinator_pb2.PollTaskResponse()
 
@@ -627,18 +629,17 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, job_id: str, number: int
     ) -> tuple[transfer_pb2.AdapterManifest, str] | None:
         """What describes a stored version to a worker, and its blob's address; None if the
-        job has no such version. A version never changes: described once, not per use."""
+        job has no such version. A version never changes: described once, not per task or
+        download."""
+        known = self._manifests.get((job_id, number))
+        if known is not None:
+            return known
         version = self.store.version(job_id, number)
         spec = self._spec(job_id) if version is not None else None
         if version is None or spec is None:
             return None
-        payload = self._manifests.get(version.sha256)
-        if payload is None:
-            with self.blobs.mapped(version.sha256) as data:
-                payload = _manifest_of(data, version.sha256)
-            if len(self._manifests) >= 64:
-                self._manifests.clear()
-            self._manifests[version.sha256] = payload
+        with self.blobs.mapped(version.sha256) as data:
+            payload = _manifest_of(data, version.sha256)
         manifest = transfer_pb2.AdapterManifest(
             job_id=version.job_id,
             version=version.version,
@@ -647,6 +648,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             lora_alpha=spec.lora.alpha,
             target_modules=spec.lora.target_modules,
         )
+        if len(self._manifests) >= 64:
+            self._manifests.clear()
+        self._manifests[(job_id, number)] = (manifest, version.sha256)
         return manifest, version.sha256
 
     def _inline_adapter(
@@ -891,33 +895,6 @@ class _OpenBlob:
 
     def __exit__(self, *_: object) -> None:
         self.file.close()
-
-
-async def run_blocking(executor: Executor, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on ``executor``'s threads: what would stall the event loop (a query, a
-    file read, an fsync) never runs on it.
-
-    Once submitted it runs to its end even if the awaiting call is cancelled meanwhile
-    (the client went away): cancelling an executor's future that has not started skips
-    it, and with it a write's cleanup, such as discarding a staged upload."""
-    job = asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
-    job.add_done_callback(_retrieved)
-    return await asyncio.shield(job)
-
-
-def _retrieved(job: asyncio.Future[Any]) -> None:
-    """Marks a job's outcome seen: one whose caller left is not an unhandled error."""
-    if not job.cancelled():
-        job.exception()
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    """Until ``event`` is set or ``timeout`` passes (a timer, not a task per wait)."""
-    timer = asyncio.get_running_loop().call_later(timeout, event.set)
-    try:
-        await event.wait()
-    finally:
-        timer.cancel()
 
 
 def _reason_name(value: int) -> str:

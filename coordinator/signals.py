@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fedpilot.coordinator.aio import wait_event
+
 
 class _Settable(Protocol):
     def set(self) -> None: ...
@@ -62,40 +64,20 @@ class Signals:
         for wake in waiters:
             wake.set()
 
-    def wait_for_tasks(
-        self, seen_epoch: int, timeout: float, wake: threading.Event | None = None
-    ) -> int:
-        """Block until tasks are created after ``seen_epoch``, ``wake`` is set by someone
-        else (the caller's call ended), or ``timeout``; the epoch. Creating tasks sets
-        ``wake``: a caller that reuses it clears it before each wait."""
-        wake = wake or threading.Event()
-        with self._tasks:
-            if self._epoch != seen_epoch:
-                return self._epoch
-            self._waiters.add(wake)
-        try:
-            wake.wait(timeout)
-        finally:
-            with self._tasks:
-                self._waiters.discard(wake)
-        return self._epoch
-
     async def tasks_after(self, seen_epoch: int, timeout: float, wake: asyncio.Event) -> int:
-        """:meth:`wait_for_tasks` for a coroutine: wait, holding no thread, until tasks are
-        created after ``seen_epoch``, ``wake`` is set by someone else (the call ended), or
-        ``timeout``; the epoch. The driver's thread sets ``wake`` through its loop, as it
-        does a thread's event; a caller that reuses it clears it before each wait."""
+        """Wait, holding no thread, until tasks are created after ``seen_epoch``, ``wake``
+        is set by someone else (the call ended), or ``timeout``; the epoch. The driver's
+        thread sets ``wake`` through its loop; a caller that reuses it clears it before
+        each wait."""
         loop = asyncio.get_running_loop()
         waiter = _LoopEvent(loop, wake)
         with self._tasks:
             if self._epoch != seen_epoch:
                 return self._epoch
             self._waiters.add(waiter)
-        timer = loop.call_later(timeout, wake.set)
         try:
-            await wake.wait()
+            await wait_event(wake, timeout)
         finally:
-            timer.cancel()
             with self._tasks:
                 self._waiters.discard(waiter)
         return self._epoch

@@ -14,6 +14,7 @@ is not: it waits by design); registrations are all started at once.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import math
 import os
@@ -345,8 +346,6 @@ _PHASES = ("first_upload", "median_upload", "p90_upload", "last_upload", "close_
 
 def _epoch(when: Any) -> float:
     """A stored timestamp (naive ones are UTC) as seconds since the epoch."""
-    import datetime as dt
-
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return float(when.timestamp())
@@ -460,7 +459,9 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
             peak = _hwm(pid)
             resent = _resent_calls(cluster.http_url)
             rounds = store.rounds(job_id)
-            received = [[u.received_at for u in store.updates(job_id, r.number)] for r in rounds]
+            received = [
+                sorted(u.received_at for u in store.updates(job_id, r.number)) for r in rounds
+            ]
             updates = [len(r) for r in received]
             duplicates_ok = all(n <= workers for n in updates)
         finally:
@@ -506,11 +507,12 @@ def _measure(workers: int, config: LoadConfig, db_url: str) -> dict[str, Any]:
     # after it the driver's (aggregating and writing the next version).
     phases = [
         (
-            round((min(times) - r.started_at).total_seconds(), 3),
-            round((sorted(times)[len(times) // 2] - r.started_at).total_seconds(), 3),
-            round((sorted(times)[-max(1, len(times) // 10)] - r.started_at).total_seconds(), 3),
-            round((max(times) - r.started_at).total_seconds(), 3),
-            round((r.closed_at - max(times)).total_seconds(), 3),
+            *(
+                round((at - r.started_at).total_seconds(), 3)
+                for at in (times[0], times[len(times) // 2], times[-max(1, len(times) // 10)])
+            ),
+            round((times[-1] - r.started_at).total_seconds(), 3),
+            round((r.closed_at - times[-1]).total_seconds(), 3),
         )
         for r, times in zip(rounds, received, strict=True)
         if r.closed_at is not None and times

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from coordinator.service import run_blocking
+from coordinator.aio import run_blocking
 
 
 def test_a_job_whose_caller_is_cancelled_while_it_waits_for_a_thread_still_runs() -> None:

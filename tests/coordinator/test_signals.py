@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -50,42 +51,49 @@ def test_retain_forgets_finished_jobs() -> None:
 def test_a_waiting_poll_wakes_when_tasks_are_created_and_not_before() -> None:
     signals = Signals()
     seen = signals.task_epoch
-    woke: list[int] = []
-    waiter = threading.Thread(target=lambda: woke.append(signals.wait_for_tasks(seen, 30.0)))
-    waiter.start()
-    waiter.join(timeout=0.2)
-    assert waiter.is_alive() and not woke, "the wait ended with no task and no timeout"
-    signals.tasks_created()
-    waiter.join(timeout=10)
-    assert woke == [seen + 1]
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(signals.tasks_after(seen, 30.0, asyncio.Event()))
+        await asyncio.sleep(0.2)
+        assert not waiting.done(), "the wait ended with no task and no timeout"
+        signals.tasks_created()
+        assert await asyncio.wait_for(waiting, 10) == seen + 1
+
+    asyncio.run(scenario())
 
 
 def test_an_epoch_already_moved_returns_at_once_and_the_callers_event_ends_a_wait() -> None:
     signals = Signals()
     seen = signals.task_epoch
     signals.tasks_created()
-    assert signals.wait_for_tasks(seen, 30.0) == seen + 1
-    # The caller's own event (its call ended) ends the wait; the epoch is unchanged.
-    wake = threading.Event()
-    timer = threading.Timer(0.05, wake.set)
-    timer.start()
-    assert signals.wait_for_tasks(seen + 1, 30.0, wake) == seen + 1
-    timer.join()
+
+    async def scenario() -> None:
+        assert await signals.tasks_after(seen, 30.0, asyncio.Event()) == seen + 1
+        # The caller's own event (its call ended) ends the wait; the epoch is unchanged.
+        wake = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, wake.set)
+        assert await asyncio.wait_for(signals.tasks_after(seen + 1, 30.0, wake), 10) == seen + 1
+
+    asyncio.run(scenario())
     assert not signals._waiters, "a finished wait stayed registered"
 
 
 def test_woken_counts_the_polls_the_latest_tasks_woke_together() -> None:
     signals = Signals()
     seen = signals.task_epoch
-    waiters = [threading.Thread(target=signals.wait_for_tasks, args=(seen, 30.0)) for _ in range(3)]
-    for w in waiters:
-        w.start()
-    deadline = time.monotonic() + 10
-    while len(signals._waiters) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    signals.tasks_created()
-    for w in waiters:
-        w.join(timeout=10)
+
+    async def scenario() -> None:
+        waits = [
+            asyncio.ensure_future(signals.tasks_after(seen, 30.0, asyncio.Event()))
+            for _ in range(3)
+        ]
+        deadline = time.monotonic() + 10
+        while len(signals._waiters) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        signals.tasks_created()
+        await asyncio.wait_for(asyncio.gather(*waits), 10)
+
+    asyncio.run(scenario())
     assert signals.woken == 3
     signals.tasks_created()  # nobody waiting any more
     assert signals.woken == 0
@@ -95,8 +103,6 @@ def test_a_coroutine_poll_wakes_from_the_drivers_thread_by_its_end_or_its_timeou
     """``tasks_after``: the event-loop form of the wait. New tasks created on another
     thread (the driver's) wake it through its loop; so does its caller's end; and
     nothing else before its timeout."""
-    import asyncio
-
     signals = Signals()
 
     async def scenario() -> tuple[int, float, float, int]:
@@ -123,12 +129,3 @@ def test_a_coroutine_poll_wakes_from_the_drivers_thread_by_its_end_or_its_timeou
     assert epoch == 1 and again == 1
     assert stopped < 5
     assert 0.15 <= timed_out < 5
-
-
-def test_an_epoch_already_moved_answers_a_coroutine_at_once() -> None:
-    import asyncio
-
-    signals = Signals()
-    signals.tasks_created()
-    assert asyncio.run(signals.tasks_after(0, 30, asyncio.Event())) == 1
-    assert signals._waiters == set()
