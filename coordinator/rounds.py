@@ -90,8 +90,9 @@ class RoundDriver:
         self.errors = 0
         """Loops that failed and were carried on."""
         self.awaited: dict[str, int] = {}
-        """Uploads each training job still awaited at the last tick: the driver wakes
-        early only for the upload that can close its round (:mod:`coordinator.signals`)."""
+        """Uploads each training job (profile reports each profiling job) still awaited
+        at the last tick: the driver wakes early only for the one that can end the phase
+        (:mod:`coordinator.signals`)."""
         self.started_at = utcnow()
         """Heartbeats sent while this coordinator was down were never received; see
         :meth:`_any_holder_alive`."""
@@ -241,6 +242,8 @@ class RoundDriver:
             for w, status in self.store.task_states(job.id, number, "profile")
             if status == "offered"
         ]
+        # Woken by the report that brings the last profile in, not at the next tick.
+        self.awaited[job.id] = len(holders)
         if holders and utcnow() < rnd.deadline_at and self._any_holder_alive(holders):
             return  # a worker that died while profiling need not hold the round
         for t in self.store.tasks(job.id, number, "profile") if holders else []:

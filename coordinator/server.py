@@ -81,6 +81,7 @@ class RunningCoordinator:
 
     def stop(self, grace: float = 2.0) -> None:
         self.stop_event.set()
+        self.driver.signals.upload_accepted()  # a poke: it stops now, not after its tick
         if self.http is not None:
             self.http.stop()
         GrpcLoop.run(self.server.stop(grace))

@@ -11,7 +11,9 @@ at 2,000 waiting polls was 2,000 wake-ups a second competing for the
 interpreter with the thread that accepts new calls.
 
 The driver is woken only by the upload that can close a round: the one that
-brings a job's accepted uploads up to the number it still awaits. Waking on
+brings a job's accepted uploads up to the number it still awaits. Profile reports
+count the same way while a job profiles, so the report that brings the last profile
+in starts the assignment at once instead of at the next tick. Waking on
 every upload made each of N uploads re-read the round's N task rows, O(N^2)
 rows per round (90,000 at 300 workers); the other uploads are seen at the
 driver's next regular tick.
@@ -83,8 +85,8 @@ class Signals:
         return self._epoch
 
     def upload_accepted(self, job_id: str | None = None) -> None:
-        """An upload of ``job_id`` was accepted; without a job, wake the driver regardless
-        (a poke: to stop it, or in tests)."""
+        """An upload (or a profile report) of ``job_id`` was accepted; without a job, wake
+        the driver regardless (a poke: to stop it, or in tests)."""
         with self._uploads:
             if job_id is None:
                 self._pokes += 1

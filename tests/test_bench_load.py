@@ -102,3 +102,28 @@ def test_cpu_sampler_charges_a_round_to_whoever_used_the_cpu() -> None:
     assert summary["coordinator_cpu_s"] == pytest.approx(used["coordinator"], abs=0.01)
     assert 0 < summary["machine_busy_share"] <= 1.05
     assert round_cpu(sampler, [(end + 60, end + 61)]) == {}
+
+
+def test_bench_statements_reads_the_same_task_every_way_and_leaves_no_schema(
+    pg_url: str,
+) -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "statements", "--reads", "20", "--postgres-url", pg_url]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [r["path"] for r in rows] == [
+        "sqlalchemy",
+        "psycopg",
+        "sqlalchemy_asyncio",
+        "psycopg_asyncio",
+    ]
+    # Each path found the seeded worker's task: the compiled SQL is the store's statement.
+    assert all(r["same_task_as_every_path"] for r in rows)
+    assert all(r["cpu_us_per_read"] > 0 and r["wall_us_per_read"] > 0 for r in rows)
+    assert next(r for r in rows if r["path"] == "psycopg")["cpu_ratio_to_psycopg"] == 1.0
+    with create_engine(pg_url).connect() as conn:
+        left = conn.execute(
+            text("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench_load_%'")
+        ).all()
+    assert left == []

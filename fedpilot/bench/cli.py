@@ -79,6 +79,19 @@ def blobs(
     _emit(bench.run(tuple(sizes or (1, 8, 32)), repeats, postgres_url=postgres_url or None))
 
 
+@bench_app.command("statements")
+def statements(
+    reads: Annotated[int, typer.Option(min=1)] = 2000,
+    postgres_url: Annotated[str, typer.Option(help="PostgreSQL to read from.")] = "",
+) -> None:
+    """A poll's statement through SQLAlchemy and through psycopg alone, blocking and
+    asyncio (CPU and wall per read)."""
+    from fedpilot.bench import statements as bench
+    from fedpilot.bench.blobs import _url
+
+    _emit(bench.measure(reads, postgres_url or _url()))
+
+
 @bench_app.command("transfer")
 def transfer(
     size_mib: Annotated[int, typer.Option(min=4, help="Adapter size in MiB.")] = 256,

@@ -98,6 +98,37 @@ def round_ready(running: RunningCoordinator):
     client.close()
 
 
+def test_the_last_profile_report_starts_training_without_waiting_for_a_tick(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The driver ticks every 60 s here: the training task must come from the wake-up
+    that the last awaited profile report gives the driver, not from a tick."""
+    settings = CoordinatorSettings(
+        data_dir=tmp_path, database_url=database_url, grpc_port=0, tick_seconds=60
+    )
+    coordinator = start(settings)
+    client = CoordinatorClient(f"127.0.0.1:{coordinator.port}")
+    try:
+        client.register("w", budget_bytes=BASE + MODULE_BYTES)
+        job_id = coordinator.store.create_job(
+            "wake",
+            {
+                "rounds": 1,
+                "min_workers": 1,
+                "ig_probe_batches": 0,
+                "lora": {"rank": 2, "target_modules": ["q"]},
+            },
+        )
+        coordinator.driver.signals.upload_accepted()  # a poke: see the new job now
+        task = _poll(client, coordinator_pb2.TASK_KIND_PROFILE, timeout_s=20)
+        client.report_profile(job_id, task.task_id, _profile())
+        task = _poll(client, coordinator_pb2.TASK_KIND_TRAIN, timeout_s=20)
+        assert task.job_id == job_id and task.round == 1
+    finally:
+        client.close()
+        coordinator.stop()
+
+
 def _manifest(task: coordinator_pb2.Task, **changes) -> transfer_pb2.UpdateManifest:
     fields = {
         "job_id": task.job_id,

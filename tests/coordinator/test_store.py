@@ -85,6 +85,22 @@ def test_tokens_are_stored_hashed_and_checked(store: Store) -> None:
         store.authenticate("nobody", token)
 
 
+def test_a_registered_worker_is_known_from_memory_with_its_columns(store: Store) -> None:
+    worker_id, token = store.register_worker("w", {"site": "a"}, {"kind": "cpu"}, 7)
+    # Its next calls authenticate without the database, and a wrong token still fails.
+    worker = store.known_worker(worker_id, token)
+    assert worker is not None and store.known_token(token) is worker
+    assert (worker.name, worker.labels, worker.budget_bytes) == ("w", {"site": "a"}, 7)
+    assert worker.registered_at is not None and worker.last_heartbeat is not None
+    with pytest.raises(AuthError):
+        store.known_worker(worker_id, token + "x")
+    assert store.known_token(token + "x") is None
+    # Another process's store (a restart) reads the same worker from the database.
+    again = Store(store.engine)
+    assert again.known_worker(worker_id, token) is None
+    assert again.authenticate(worker_id, token).name == "w"
+
+
 def test_the_same_update_counts_once(store: Store) -> None:
     job_id, worker_id = _job_with_round(store)
     first = store.record_update(_update(job_id, worker_id))
