@@ -161,7 +161,14 @@ def _raw_upload(client: CoordinatorClient, manifest, data: bytes, chunk: int = 6
     return client._stub.UploadUpdate(messages(), metadata=client._metadata(), timeout=10)
 
 
-def test_a_full_round_with_every_rejection_path(round_ready) -> None:
+@pytest.mark.parametrize("task_checked_first", [False, True], ids=["small", "large"])
+def test_a_full_round_with_every_rejection_path(
+    round_ready, task_checked_first: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways an upload is taken: a small one received before its task is checked
+    (these updates are tiny), and a large one checked before its bytes are taken."""
+    if task_checked_first:
+        monkeypatch.setattr("fedpilot.coordinator.service.SMALL_UPLOAD_BYTES", -1)
     store, client, job_id, task = round_ready
     assert list(task.modules) == ["head"]  # the budget fits the head only
     _, adapter = client.download_adapter(job_id, task.adapter_version)
@@ -221,8 +228,10 @@ def test_a_full_round_with_every_rejection_path(round_ready) -> None:
     )
     impostor.close()
 
-    # Nothing of any of that was stored; each refusal was recorded with its reason.
+    # Nothing of any of that was stored, not even a staged file; each refusal was
+    # recorded with its reason.
     assert store.updates(job_id, task.round) == []
+    assert not list((tmp_path / "blobs").rglob(".tmp-*")), "a refused upload left a file"
     recorded = {r.reason for r in store.rejections(job_id)}
     assert set(cases) - {"ERROR_REASON_NOT_ASSIGNED"} <= recorded
 
