@@ -90,11 +90,6 @@ needs no DownloadAdapter call (a third of a small adapter's calls per worker-rou
 docs/benchmarks.md, "Load"). Half a message: the task's other fields stay well inside
 gRPC's message limit."""
 
-SMALL_UPLOAD_BYTES = 64 << 10
-"""An update up to this size is received before its task is read and checked, so one
-hand-over to the blocking threads does the checks, the verification and the commit (two
-for a larger one, whose task is checked before its bytes are taken)."""
-
 POLL_QUERY_SLOTS = 8
 """Long polls that query the database at once. Tasks wake every waiting poll together
 (2,000 at 2,000 workers); the rest wait their turn here, well under the connection
@@ -105,14 +100,6 @@ _KINDS = {"profile": coordinator_pb2.TASK_KIND_PROFILE, "train": coordinator_pb2
 
 def _error(reason: int, message: str, field: str = "") -> WireError:
     return WireError(reason, message, field)
-
-
-def _not_assigned(task_id: str) -> WireError:
-    return _error(
-        errors_pb2.ERROR_REASON_NOT_ASSIGNED,
-        f"task {task_id!r} is not assigned to this worker",
-        "task_id",
-    )
 
 
 def job_config(spec: JobSpec) -> coordinator_pb2.JobConfig:
@@ -281,7 +268,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if task is None or task.worker_id != worker.id:
             await self._reject(
                 context,
-                _not_assigned(task_id),
+                _error(
+                    errors_pb2.ERROR_REASON_NOT_ASSIGNED,
+                    f"task {task_id!r} is not assigned to this worker",
+                    "task_id",
+                ),
                 worker_id=worker.id,
             )
         assert task is not None
@@ -420,40 +411,39 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.ReportProfileRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.ReportProfileResponse:
         worker = await self._worker(context, request.worker_id)
-        # The task's read, the checks and the write in one hand-over to the blocking threads.
-        job_id, error, where = await self._blocking(self._report_profile, request, worker.id)
-        if error is not None:
-            await self._reject(context, error, worker_id=worker.id, **where)
-        self.signals.upload_accepted(job_id)  # counts towards the profiles awaited
-        return coordinator_pb2.ReportProfileResponse()
-
-    def _report_profile(
-        self, request: coordinator_pb2.ReportProfileRequest, worker_id: str
-    ) -> tuple[str, WireError | None, dict[str, Any]]:
-        """Store a profile report if its task is this worker's open profile task and the
-        profile fits the job (blocking: it reads the task, may read the job, its model's
-        config and its global adapter, and it writes); the job, or why not and about what."""
-        task = self.store.task_state(request.task_id)
-        if task is None or task.worker_id != worker_id:
-            return "", _not_assigned(request.task_id), {}
+        task = await self._own_task(context, worker, request.task_id)
         late = task.status == "straggler"  # kept: the next round need not profile again
         if (
             task.kind != "profile"
             or task.job_id != request.job_id
             or not (task.status == "offered" or late)
         ):
-            error = _error(
-                errors_pb2.ERROR_REASON_NOT_ASSIGNED,
-                "no open profile task for this job",
-                "task_id",
+            await self._reject(
+                context,
+                _error(
+                    errors_pb2.ERROR_REASON_NOT_ASSIGNED,
+                    "no open profile task for this job",
+                    "task_id",
+                ),
+                job_id=request.job_id,
+                worker_id=worker.id,
             )
-            return "", error, {"job_id": request.job_id}
         try:
-            row = self._checked_profile(request.profile, task.job_id)
-            self.store.finish_profile_task(task.id, task.job_id, worker_id, row)
+            await self._blocking(self._store_profile, request.profile, task, worker.id)
         except WireError as e:
-            return "", e, {"job_id": task.job_id, "round_number": task.round}
-        return task.job_id, None, {}
+            await self._reject(
+                context, e, job_id=task.job_id, round_number=task.round, worker_id=worker.id
+            )
+        self.signals.upload_accepted(task.job_id)  # counts towards the profiles awaited
+        return coordinator_pb2.ReportProfileResponse()
+
+    def _store_profile(
+        self, profile: profile_pb2.MemoryProfile, task: TaskState, worker_id: str
+    ) -> None:
+        """Check a reported profile against the job and store it (blocking: it may read the
+        job, its model's config and its global adapter, and it writes)."""
+        row = self._checked_profile(profile, task.job_id)
+        self.store.finish_profile_task(task.id, task.job_id, worker_id, row)
 
     def _checked_profile(self, profile: profile_pb2.MemoryProfile, job_id: str) -> dict[str, Any]:
         """The stored form of a reported profile that fits the job."""
@@ -707,12 +697,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         where = {"job_id": m.job_id or None, "round_number": m.round, "worker_id": worker.id}
         try:
             _check_update_fields(m, self.settings.max_profile_modules)
-            # A small update is received before its task is checked, so the checks, the
-            # verification and the commit take one hand-over to the blocking threads, not
-            # two; it is at most SMALL_UPLOAD_BYTES whatever the task turns out to be.
-            small = m.payload.total_bytes <= SMALL_UPLOAD_BYTES
-            task = None if small else await self._blocking(self._upload_target, worker, m)
-            if task is not None and task.update_id is not None:
+            task = await self._blocking(self._upload_target, worker, m)
+            if task.update_id is not None:
                 # Idempotent, even after the round closed: a retried upload counts once.
                 async for _ in request_iterator:
                     pass
@@ -760,7 +746,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             metrics.BYTES_IN.inc(size)
             metrics.WORKERS.set(metrics.WORKER_PEAK, worker.id, m.measured_peak_bytes)
             metrics.WORKERS.set(metrics.WORKER_PREDICTED, worker.id, m.predicted_peak_bytes)
-            self.signals.upload_accepted(m.job_id)  # its task's job, as checked
+            self.signals.upload_accepted(task.job_id)
         return coordinator_pb2.UploadUpdateResponse(
             update_id=str(record.update_id), duplicate=record.duplicate
         )
@@ -769,23 +755,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self,
         writer: BlobWriter,
         receiver: PayloadReceiver,
-        task: UploadTarget | None,
+        task: UploadTarget,
         worker: Worker,
         m: transfer_pb2.UpdateManifest,
     ) -> tuple[UpdateRecord, int]:
         """Verify the received bytes, then commit the row and the blob together (blocking:
-        hashing, a memory-mapped scan, an fsync, a transaction). ``task`` None: a small
-        upload, whose task is read and checked here first (a retry of a stored update
-        is answered as a duplicate, as before its bytes)."""
-        if task is None:
-            try:
-                task = self._upload_target(worker, m)
-            except BaseException:
-                writer.abandon()
-                raise
-            if task.update_id is not None:
-                writer.abandon()
-                return UpdateRecord(task.update_id, True), 0
+        hashing, a memory-mapped scan, an fsync, a transaction)."""
         staged = writer.finish()
         try:
             with staged.mapped() as payload:

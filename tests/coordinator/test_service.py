@@ -161,14 +161,7 @@ def _raw_upload(client: CoordinatorClient, manifest, data: bytes, chunk: int = 6
     return client._stub.UploadUpdate(messages(), metadata=client._metadata(), timeout=10)
 
 
-@pytest.mark.parametrize("task_checked_first", [False, True], ids=["small", "large"])
-def test_a_full_round_with_every_rejection_path(
-    round_ready, task_checked_first: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Both ways an upload is taken: a small one received before its task is checked
-    (these updates are tiny), and a large one checked before its bytes are taken."""
-    if task_checked_first:
-        monkeypatch.setattr("fedpilot.coordinator.service.SMALL_UPLOAD_BYTES", -1)
+def test_a_full_round_with_every_rejection_path(round_ready, tmp_path: Path) -> None:
     store, client, job_id, task = round_ready
     assert list(task.modules) == ["head"]  # the budget fits the head only
     _, adapter = client.download_adapter(job_id, task.adapter_version)
