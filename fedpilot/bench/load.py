@@ -356,7 +356,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def _fresh_schema(db_url: str) -> Iterator[str]:
+def fresh_schema(db_url: str) -> Iterator[str]:
     """A PostgreSQL URL whose tables live in a new schema, dropped afterwards.
 
     Every count starts from an empty store: workers of an earlier run (the same
@@ -382,7 +382,7 @@ def _fresh_schema(db_url: str) -> Iterator[str]:
 
 
 def measure(workers: int, config: LoadConfig) -> dict[str, Any]:
-    with _fresh_schema(config.database_url or os.environ.get("FEDPILOT_DATABASE_URL", "")) as url:
+    with fresh_schema(config.database_url or os.environ.get("FEDPILOT_DATABASE_URL", "")) as url:
         return _measure(workers, config, url)
 
 

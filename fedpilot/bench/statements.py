@@ -14,27 +14,44 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from fedpilot.bench.load import _fresh_schema
+from fedpilot.bench.load import fresh_schema
 from fedpilot.coordinator.db.models import Task, utcnow
 from fedpilot.coordinator.db.store import _OFFERED_TASK, Store
 
 
-def _per_read(name: str, reads: int, run: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
-    run()  # a warm-up: connections opened, statements prepared
-    cpu, wall = time.process_time(), time.perf_counter()
-    for _ in range(reads - 1):
-        run()
-    found = run()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+def _row(name: str, reads: int, cpu: float, wall: float) -> dict[str, Any]:
     return {
         "path": name,
         "cpu_us_per_read": round(cpu / reads * 1e6, 1),
         "wall_us_per_read": round(wall / reads * 1e6, 1),
-    }, found
+    }
+
+
+def _timed(name: str, reads: int, read: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+    """``read`` once to warm up (connections opened, statements prepared), then
+    ``reads`` times; the row and what the last read returned."""
+    read()
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(reads - 1):
+        read()
+    last = read()
+    return _row(name, reads, time.process_time() - cpu, time.perf_counter() - wall), last
+
+
+async def _timed_async(
+    name: str, reads: int, read: Callable[[], Awaitable[Any]]
+) -> tuple[dict[str, Any], Any]:
+    """:func:`_timed` for a coroutine."""
+    await read()
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(reads - 1):
+        await read()
+    last = await read()
+    return _row(name, reads, time.process_time() - cpu, time.perf_counter() - wall), last
 
 
 def _seed(store: Store) -> str:
@@ -68,7 +85,7 @@ def measure(reads: int, url: str) -> list[dict[str, Any]]:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     rows: list[dict[str, Any]] = []
-    with _fresh_schema(url) as schema_url:
+    with fresh_schema(url) as schema_url:
         store = Store.open(schema_url)
         worker_id = _seed(store)
         compiled = _OFFERED_TASK.compile(dialect=store.engine.dialect)
@@ -77,16 +94,14 @@ def measure(reads: int, url: str) -> list[dict[str, Any]]:
         dsn = conninfo.render_as_string(hide_password=False)
         found: dict[str, str | None] = {}
 
-        def keep(name: str, result: tuple[dict[str, Any], Any]) -> None:
-            rows.append(result[0])
-            found[name] = result[1][0] if result[1] is not None else None  # the task id
+        def keep(result: tuple[dict[str, Any], Any]) -> None:
+            row, last = result
+            rows.append(row)
+            found[row["path"]] = last[0] if last is not None else None  # the task's id
 
-        keep("sqlalchemy", _per_read("sqlalchemy", reads, lambda: store.offered_task(worker_id)))
+        keep(_timed("sqlalchemy", reads, lambda: store.offered_task(worker_id)))
         with psycopg.connect(dsn, autocommit=True) as conn:
-            keep(
-                "psycopg",
-                _per_read("psycopg", reads, lambda: conn.execute(sql, params).fetchone()),
-            )
+            keep(_timed("psycopg", reads, lambda: conn.execute(sql, params).fetchone()))
 
         async def on_loop() -> None:
             engine = create_async_engine(
@@ -101,24 +116,8 @@ def measure(reads: int, url: str) -> list[dict[str, Any]]:
             async def via_psycopg() -> Any:
                 return await (await aconn.execute(sql, params)).fetchone()
 
-            for name, read in (
-                ("sqlalchemy_asyncio", via_sqlalchemy),
-                ("psycopg_asyncio", via_psycopg),
-            ):
-                await read()
-                cpu, wall = time.process_time(), time.perf_counter()
-                for _ in range(reads - 1):
-                    await read()
-                last = await read()
-                cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-                rows.append(
-                    {
-                        "path": name,
-                        "cpu_us_per_read": round(cpu / reads * 1e6, 1),
-                        "wall_us_per_read": round(wall / reads * 1e6, 1),
-                    }
-                )
-                found[name] = last[0] if last is not None else None
+            keep(await _timed_async("sqlalchemy_asyncio", reads, via_sqlalchemy))
+            keep(await _timed_async("psycopg_asyncio", reads, via_psycopg))
             await aconn.close()
             await engine.dispose()
 
