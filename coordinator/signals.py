@@ -26,13 +26,8 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from fedpilot.coordinator.aio import wait_event
-
-
-class _Settable(Protocol):
-    def set(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,7 @@ class Signals:
     def __init__(self) -> None:
         self._tasks = threading.Lock()
         self._epoch = 0
-        self._waiters: set[_Settable] = set()
+        self._waiters: set[_LoopEvent] = set()
         self.woken = 0
         """How many waiting polls the latest new tasks woke together (the wave's size)."""
         self._uploads = threading.Condition()

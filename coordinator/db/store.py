@@ -312,19 +312,24 @@ class Store:
         if worker is None:
             with self.reading() as s:
                 worker = s.get(Worker, worker_id) if plausible_id(worker_id) else None
+        return self._token_checked(worker, token)
+
+    def known_worker(self, worker_id: str, token: str) -> Worker | None:
+        """:meth:`authenticate` from memory only, for callers that must not block: the
+        worker, None if it is not remembered (then ask :meth:`authenticate`), or
+        :class:`AuthError` for a remembered worker and a wrong token. One read of the
+        memory: a cache starting over meanwhile cannot make it ask the database."""
+        worker = self._known.get(worker_id)
+        return self._token_checked(worker, token) if worker is not None else None
+
+    def _token_checked(self, worker: Worker | None, token: str) -> Worker:
+        """``worker`` if ``token`` is its own (then remembered), else :class:`AuthError`;
+        an unknown worker costs the same comparison as a known one."""
         expected = worker.token_hash if worker is not None else hash_token(secrets.token_hex(8))
         if not hmac.compare_digest(expected, hash_token(token)) or worker is None:
             raise AuthError("unknown worker or bad token")
         _remember(self._known, worker.id, worker)
         return worker
-
-    def known_worker(self, worker_id: str, token: str) -> Worker | None:
-        """:meth:`authenticate` from memory only, for callers that must not block: the
-        worker, None if it is not remembered (then ask :meth:`authenticate`), or
-        :class:`AuthError` for a remembered worker and a wrong token."""
-        if worker_id not in self._known:
-            return None
-        return self.authenticate(worker_id, token)
 
     def known_token(self, token: str) -> Worker | None:
         """:meth:`worker_by_token` from memory only: None if not remembered."""
